@@ -1,0 +1,8 @@
+"""bimatting_triton: binarized video matting (BiMatting) with fused Triton kernels."""
+from .checkpoint import CheckpointError
+from .model import BiMatting
+from .nn import BiConv2d, BinaryActivation, LearnableBias
+
+__version__ = "0.1.0"
+
+__all__ = ["BiMatting", "BiConv2d", "BinaryActivation", "LearnableBias", "CheckpointError"]

@@ -1,0 +1,88 @@
+"""Loading official-layout checkpoints: wrappers, DDP prefixes, weights_only, clear errors."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from bimatting_triton import BiMatting, CheckpointError
+
+
+@pytest.fixture(scope="module")
+def official_state(reference_dir):
+    """A checkpoint in the official key layout (the golden file's perturbed weights)."""
+    return torch.load(os.path.join(reference_dir, "bimatting_golden.pt"), weights_only=True)["state_dict"]
+
+
+def assert_loaded(model, state):
+    loaded = model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "ddp", "ddp_in_model"])
+def test_from_pretrained_accepts_common_wrappings(tmp_path, official_state, wrap):
+    state = official_state
+    if wrap in ("ddp", "ddp_in_model"):
+        state = {f"module.{k}": v for k, v in state.items()}
+    obj = {"plain": state, "ddp": state, "state_dict": {"state_dict": state, "epoch": 3},
+           "model": {"model": state, "step": torch.tensor(10)}, "ddp_in_model": {"model": state}}[wrap]
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    model = BiMatting.from_pretrained(path)
+    assert_loaded(model, official_state)
+
+
+def test_fast_guided_filter_ignores_refiner_weights(tmp_path, official_state):
+    path = tmp_path / "ckpt.pth"
+    torch.save(official_state, path)
+    model = BiMatting.from_pretrained(path, refiner="fast_guided_filter")
+    assert model.refiner_name == "fast_guided_filter"
+    assert torch.equal(model.state_dict()["project_mat.conv.bias"], official_state["project_mat.conv.bias"])
+
+
+def test_missing_num_batches_tracked_is_accepted(tmp_path, official_state):
+    state = {k: v for k, v in official_state.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pth"
+    torch.save(state, path)
+    assert_loaded(BiMatting.from_pretrained(path), state)
+
+
+def test_wrong_keys_are_named(tmp_path, official_state):
+    state = dict(official_state)
+    del state["aspp.aspp1.0.bias"]
+    state["decoder.extra.weight"] = torch.zeros(3)
+    state["project_mat.conv.weight"] = torch.zeros(5, 16, 1, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        BiMatting.from_pretrained(path)
+    message = str(info.value)
+    assert "1 missing keys: aspp.aspp1.0.bias" in message
+    assert "1 unexpected keys: decoder.extra.weight" in message
+    assert "project_mat.conv.weight: checkpoint (5, 16, 1, 1) vs model (4, 16, 1, 1)" in message
+    assert "bad.pth" in message
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="expected a state_dict"):
+        BiMatting.from_pretrained(path)
+
+
+class Payload:
+    """Any pickled object that is not plain tensors/containers: weights_only must refuse it."""
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Payload()}, f)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        BiMatting.from_pretrained(path)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="does-not-exist.pth"):
+        BiMatting.from_pretrained("does-not-exist.pth")

@@ -1,0 +1,164 @@
+"""BiMatting as a network: official layout, RVM's forward contract, batches, odd sizes."""
+import os
+
+import pytest
+import torch
+
+from bimatting_triton import BiMatting
+
+
+@pytest.fixture(scope="module")
+def golden(reference_dir):
+    return torch.load(os.path.join(reference_dir, "bimatting_golden.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(golden):
+    """The golden weights give masks that are neither empty nor full: every path matters."""
+    model = BiMatting()
+    model.load_state_dict(golden["state_dict"])
+    return model.double().eval()
+
+
+def read_layout(reference_dir):
+    with open(os.path.join(reference_dir, "bimatting_state_dict.tsv")) as f:
+        header, *rows = f.read().strip().split("\n")
+    assert header.split("\t") == ["key", "shape", "dtype"]
+    return [row.split("\t") for row in rows]
+
+
+def test_state_dict_matches_official_layout(reference_dir):
+    layout = read_layout(reference_dir)
+    state = BiMatting().state_dict()
+    assert list(state) == [key for key, _, _ in layout]
+    for key, shape, dtype in layout:
+        tensor = state[key]
+        assert ("x".join(map(str, tensor.shape)) or "scalar") == shape, key
+        assert str(tensor.dtype).removeprefix("torch.") == dtype, key
+    assert len(layout) == 670
+    assert sum(p.numel() for p in BiMatting().parameters()) == pytest.approx(4.27e6, rel=0.01)
+
+
+def test_fast_guided_filter_refiner_has_no_parameters():
+    state = BiMatting(refiner="fast_guided_filter").state_dict()
+    assert not any(k.startswith("refiner.") for k in state)
+
+
+@pytest.mark.parametrize("refiner", ["deep_guided_filter", "fast_guided_filter"])
+@pytest.mark.parametrize("ratio", [1, 0.5])
+def test_rvm_contract_shapes(refiner, ratio):
+    model = BiMatting(refiner=refiner).eval()
+    src = torch.rand(2, 3, 3, 40, 56)
+    with torch.no_grad():
+        fgr, pha, *rec = model(src, downsample_ratio=ratio)
+        assert fgr.shape == (2, 3, 3, 40, 56) and pha.shape == (2, 3, 1, 40, 56)
+        h, w = int(40 * ratio), int(56 * ratio)
+        expected = [(2, 16, -(-h // 2), -(-w // 2)), (2, 20, -(-h // 4), -(-w // 4)),
+                    (2, 40, -(-h // 8), -(-w // 8)), (2, 64, -(-h // 16), -(-w // 16))]
+        assert [tuple(r.shape) for r in rec] == expected
+        assert 0 <= pha.min() and pha.max() <= 1 and 0 <= fgr.min() and fgr.max() <= 1
+        seg, *rec2 = model(src, *rec, downsample_ratio=ratio, segmentation_pass=True)
+        assert seg.shape == (2, 3, 1, h, w) and len(rec2) == 4
+        out = model(src, downsample_ratio=ratio, return_coarse=True)
+        assert len(out) == 8
+        assert out[6].shape == (2, 3, 3, -(-h // 16), -(-w // 16)) and out[7].shape == (2, 3, 1, -(-h // 16), -(-w // 16))
+
+
+def test_four_d_input_is_the_single_frame_case(model):
+    src = torch.rand(2, 3, 36, 52, dtype=torch.float64)
+    with torch.no_grad():
+        out4 = model(src, downsample_ratio=0.5)
+        out5 = model(src.unsqueeze(1), downsample_ratio=0.5)
+    assert out4[0].shape == (2, 3, 36, 52) and out4[1].shape == (2, 1, 36, 52)
+    for a, b in zip(out4, out5):
+        assert torch.equal(a, b.squeeze(1) if b.ndim == 5 else b)
+
+
+def test_chunked_clip_equals_whole_clip(model, golden):
+    """Recurrent state carried across calls: T=3 at once equals frames one by one."""
+    src = golden["src"].double()
+    with torch.no_grad():
+        fgr, pha, *rec = model(src)
+        rec_step = [None] * 4
+        phas = []
+        for t in range(src.shape[1]):
+            _, p, *rec_step = model(src[:, t], *rec_step)
+            phas.append(p)
+    assert torch.allclose(torch.stack(phas, 1), pha, rtol=0, atol=1e-12)
+    for a, b in zip(rec, rec_step):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def capture_masks(model):
+    masks = []
+    handle = model.decoder.register_forward_hook(lambda mod, args, out: masks.append(out[-1]))
+    return masks, handle
+
+
+def test_batch_items_use_their_own_masks(model, golden):
+    clip_a = golden["src"].double()
+    clip_b = golden["src_next"].double().flip(-1)[:, [0, 1, 0]]
+    masks, handle = capture_masks(model)
+    try:
+        with torch.no_grad():
+            batch = model(torch.cat([clip_a, clip_b]), downsample_ratio=0.5)
+            alone_a = model(clip_a, downsample_ratio=0.5)
+            alone_b = model(clip_b, downsample_ratio=0.5)
+    finally:
+        handle.remove()
+    # The two clips' masks differ and are neither empty nor full, so a shared mask would show.
+    batch_mask = masks[0]
+    assert not torch.equal(batch_mask[0], batch_mask[1])
+    assert 0 < batch_mask.mean() < 1
+    for out, a, b in zip(batch, alone_a, alone_b):
+        assert torch.allclose(out[:1], a, rtol=0, atol=1e-12)
+        assert torch.allclose(out[1:], b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(17, 23), (33, 50), (2, 3), (65, 31)])
+def test_odd_sizes(size):
+    model = BiMatting().eval()
+    src = torch.rand(1, 2, 3, *size)
+    with torch.no_grad():
+        fgr, pha, *rec = model(src)
+        fgr, pha, *rec = model(src, *rec)
+        fgr2, pha2, *rec = model(src, downsample_ratio=0.5)
+        fgr2, pha2, *rec = model(src, *rec, downsample_ratio=0.5)
+    assert fgr.shape == fgr2.shape == (1, 2, 3, *size)
+    assert pha.shape == pha2.shape == (1, 2, 1, *size)
+    assert torch.isfinite(fgr).all() and torch.isfinite(pha2).all()
+
+
+def test_training_mode_backward_reaches_every_parameter():
+    model = BiMatting().train()
+    fgr, pha, *rec, fgr_s, pha_s = model(torch.rand(2, 2, 3, 32, 32), downsample_ratio=0.5, return_coarse=True)
+    (fgr.mean() + pha.mean() + fgr_s.mean() + pha_s.mean()).backward()
+    no_grad = [n for n, p in model.named_parameters()
+               if p.grad is None and "channel_threshold" not in n and not n.startswith("project_seg")]
+    assert no_grad == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(src=torch.rand(1, 3, 4, 8, 8)), "src: expected shape"),
+        (dict(src=torch.rand(3, 8, 8)), "src: expected shape"),
+        (dict(src=torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), "src: expected a floating point"),
+        (dict(src=torch.rand(1, 3, 8, 8), downsample_ratio=0), "downsample_ratio"),
+        (dict(src=torch.rand(1, 3, 1, 9), downsample_ratio=0.5), "downsample_ratio: 0.5 turns the 9x1"),
+        (dict(src=torch.rand(2, 3, 8, 8), r1=torch.zeros(1, 16, 4, 4)), "r1: expected a recurrent state"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        BiMatting()(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(variant="mobilenetv3"), "variant="),
+    (dict(refiner="unknown"), "refiner="),
+    (dict(pretrained_backbone=True), "pretrained_backbone"),
+])
+def test_constructor_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BiMatting(**kwargs)
