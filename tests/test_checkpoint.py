@@ -78,7 +78,7 @@ class Payload:
 def test_weights_only_refuses_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"state_dict": Payload()}, f)
+        pickle.dump({"state_dict": Payload()}, f, protocol=2)
     with pytest.raises(CheckpointError, match="weights-only"):
         BiMatting.from_pretrained(path)
 
