@@ -2,7 +2,16 @@
 from .checkpoint import CheckpointError
 from .model import BiMatting
 from .nn import BiConv2d, BinaryActivation, LearnableBias
+from .swap import binarize_, swap_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["BiMatting", "BiConv2d", "BinaryActivation", "LearnableBias", "CheckpointError"]
+__all__ = [
+    "BiMatting",
+    "BiConv2d",
+    "BinaryActivation",
+    "LearnableBias",
+    "CheckpointError",
+    "swap_modules",
+    "binarize_",
+]

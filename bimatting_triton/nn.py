@@ -118,14 +118,14 @@ class BiConv2d(nn.Conv2d):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int | None = None,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
         bias: bool = False,
         **kwargs,
     ):
         if padding is None:
-            padding = kernel_size // 2
+            padding = kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size)
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias, **kwargs
         )
