@@ -1,5 +1,7 @@
 """bimatting_triton: binarized video matting (BiMatting) with fused Triton kernels."""
+from . import metrics
 from .checkpoint import CheckpointError
+from .evaluate import evaluate, evaluate_model
 from .model import BiMatting
 from .nn import BiConv2d, BinaryActivation, LearnableBias
 from .swap import binarize_, swap_modules
@@ -14,4 +16,7 @@ __all__ = [
     "CheckpointError",
     "swap_modules",
     "binarize_",
+    "metrics",
+    "evaluate",
+    "evaluate_model",
 ]
