@@ -1,12 +1,24 @@
-"""bimatting_triton: binarized video matting (BiMatting) with fused Triton kernels."""
-from . import metrics
+"""bimatting_triton: binarized video matting (BiMatting) with fused Triton kernels.
+
+The network and its building blocks import eagerly; the tools (evaluation, video,
+training, profiling) load on first use, so that ``python -m bimatting_triton.<tool>``
+runs its module once and ``import bimatting_triton`` stays light.
+"""
+from importlib import import_module
+
 from .checkpoint import CheckpointError
-from .evaluate import evaluate, evaluate_model
 from .model import BiMatting
 from .nn import BiConv2d, BinaryActivation, LearnableBias
 from .swap import binarize_, swap_modules
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute); attribute None means the module itself
+_LAZY = {
+    "metrics": ("metrics", None),
+    "evaluate_model": ("evaluate", "evaluate_model"),
+    "evaluate_folders": ("evaluate", "evaluate"),
+}
 
 __all__ = [
     "BiMatting",
@@ -16,7 +28,13 @@ __all__ = [
     "CheckpointError",
     "swap_modules",
     "binarize_",
-    "metrics",
-    "evaluate",
-    "evaluate_model",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        module = import_module(f".{module_name}", __name__)
+        return module if attribute is None else getattr(module, attribute)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
