@@ -1,104 +1,324 @@
-"""End-to-end throughput of BiMatting: frames per second on random frames.
+"""End-to-end matting speed: BiMatting (fused and plain) against float RVM, in one run.
 
-    python bench/throughput.py                       # 512x288, downsample_ratio 1
-    python bench/throughput.py --size 1920x1080 --downsample-ratio 0.25 --frames 8
+    python bench/throughput.py                              # all variants, the three RVM sizes
+    python bench/throughput.py --sizes 1920x1080@0.25 --frames 1,8 --json
+    python bench/throughput.py --profile                    # time by stage and by kernel
 
-Warm-up runs first, then ``--repeats`` timed runs of ``--frames`` frames each
-(recurrent state carried across runs, as in streaming). On a machine without CUDA
-this measures the plain-PyTorch (float-simulated binary) model and says so; the
-fused Triton path needs CUDA.
+Variants, measured side by side on the same random clip:
+
+* ``bimatting-fused``  BiMatting through ``bimatting_triton.convert`` (Triton kernels,
+  sparse decoder); needs CUDA.
+* ``bimatting-plain``  BiMatting in plain PyTorch, binary layers simulated in float32
+  (what the published BiMatting code runs).
+* ``rvm-fp32`` / ``rvm-fp16``  Robust Video Matting MobileNetV3 (float); fp16 needs CUDA.
+
+Each variant runs ``--warmup`` untimed calls, then ``--repeats`` timed calls of
+B x T frames, carrying the recurrent state as a streaming user does. Reported: median
+and spread of ms per frame, frames/s, peak memory (CUDA: ``max_memory_allocated``;
+CPU: the process's peak RSS so far, which only grows), and fps ratios between variants.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import resource
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
 from bimatting_triton import BiMatting
+from bimatting_triton.baselines import RVMMobileNetV3
+
+DEFAULT_SIZES = "512x288@1,1920x1080@0.25,3840x2160@0.125"
+VARIANT_NAMES = ("bimatting-fused", "bimatting-plain", "rvm-fp32", "rvm-fp16")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (H, W)."""
+@dataclass
+class Setting:
+    width: int
+    height: int
+    ratio: float
+    batch: int
+    frames: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.width}x{self.height}@{self.ratio:g} B={self.batch} T={self.frames}"
+
+
+@dataclass
+class Measurement:
+    variant: str
+    setting: str
+    status: str  # "ok" or why it did not run
+    ms_per_frame: float | None = None
+    spread_ms: float | None = None
+    fps: float | None = None
+    peak_memory_mib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int, float]]:
+    """'512x288@1,1920x1080@0.25' -> [(512, 288, 1.0), (1920, 1080, 0.25)]."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            dims, _, ratio = item.strip().partition("@")
+            w, h = (int(v) for v in dims.lower().split("x"))
+            r = float(ratio) if ratio else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--sizes: expected WIDTHxHEIGHT@RATIO items separated by commas, got {item!r}"
+            ) from None
+        if w <= 0 or h <= 0 or not 0 < r <= 1:
+            raise argparse.ArgumentTypeError(f"--sizes: {item!r} needs positive sizes and a ratio in (0, 1]")
+        sizes.append((w, h, r))
+    return sizes
+
+
+def parse_ints(text: str) -> list[int]:
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size: expected WIDTHxHEIGHT such as 512x288, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"--size: width and height must be positive, got {text!r}")
-    return h, w
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
-def synchronize(device: torch.device) -> None:
+# --------------------------------------------------------------------------- variants
+def build_variant(name: str, device: torch.device, compile_float: bool) -> tuple[Callable | None, str, list[str]]:
+    """(model or None, dtype name or the reason it cannot run, notes)."""
+    notes: list[str] = []
+    if name == "bimatting-fused":
+        if device.type != "cuda":
+            return None, "skipped: the fused Triton kernels need a CUDA device", notes
+        try:
+            from bimatting_triton import convert  # added with the kernels
+        except ImportError:
+            return None, "skipped: bimatting_triton.convert is not available in this version", notes
+        model = convert(BiMatting().eval().to(device))
+        return model, "float16" if getattr(model, "dtype", None) == torch.float16 else "float32", notes
+    if name == "rvm-fp16" and device.type != "cuda":
+        return None, "skipped: fp16 convolutions need a CUDA device", notes
+    if name == "bimatting-plain":
+        model, dtype = BiMatting().eval(), torch.float32
+    else:
+        model, dtype = RVMMobileNetV3().eval(), torch.float16 if name == "rvm-fp16" else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    if compile_float:
+        model = torch.compile(model)
+        notes.append("torch.compile")
+    return model, str(dtype).removeprefix("torch."), notes
+
+
+# --------------------------------------------------------------------------- timing
+class Timer:
+    """Wall time per call: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def measure(self, out: list[float]):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            yield
+            out.append(time.perf_counter() - start)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is KiB on Linux
+
+
+def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, warmup: int, repeats: int) -> Measurement:
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    src = torch.rand(setting.batch, setting.frames, 3, setting.height, setting.width, generator=generator)
+    src = src.to(device=device, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure(model, src: torch.Tensor, ratio: float, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of ``model(src, *rec)``, one value per timed repeat."""
-    device = src.device
-    rec = [None] * 4
-    times = []
+        torch.cuda.reset_peak_memory_stats(device)
+    timer, times, rec = Timer(device), [], [None] * 4
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            synchronize(device)
+            sink = times if i >= warmup else []
+            with timer.measure(sink):
+                _, _, *rec = model(src, *rec, downsample_ratio=setting.ratio)
+    n = setting.batch * setting.frames
+    median = statistics.median(times)
+    return Measurement(
+        variant="", setting=setting.label, status="ok",
+        ms_per_frame=1e3 * median / n, spread_ms=1e3 * (max(times) - min(times)) / n,
+        fps=n / median, peak_memory_mib=peak_memory_mib(device),
+    )
+
+
+# --------------------------------------------------------------------------- profile
+def profile_stages(model, setting: Setting, device: torch.device, dtype_name: str) -> str:
+    """Time per top-level stage (forward hooks) and the heaviest operators/kernels."""
+    dtype = getattr(torch, dtype_name)
+    src = torch.rand(setting.batch, setting.frames, 3, setting.height, setting.width, device=device, dtype=dtype)
+    inner = getattr(model, "_orig_mod", model)
+    stages = [s for s in ("backbone", "aspp", "decoder", "refiner") if hasattr(inner, s)]
+    totals = {s: 0.0 for s in stages}
+    starts: dict[str, float] = {}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def pre(name):
+        def hook(module, args):
+            sync()
+            starts[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(module, args, out):
+            sync()
+            totals[name] += time.perf_counter() - starts[name]
+        return hook
+
+    handles = []
+    for s in stages:
+        handles += [getattr(inner, s).register_forward_pre_hook(pre(s)), getattr(inner, s).register_forward_hook(post(s))]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.inference_mode():
+            model(src, downsample_ratio=setting.ratio)  # warm-up
+            for s in stages:
+                totals[s] = 0.0
+            sync()
             start = time.perf_counter()
-            _, _, *rec = model(src, *rec, downsample_ratio=ratio)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
+            with torch.profiler.profile(activities=activities) as prof:
+                model(src, downsample_ratio=setting.ratio)
+                sync()
+            total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    lines = [f"stage breakdown ({setting.label}), one call under the profiler, ms:"]
+    for s in stages:
+        lines.append(f"  {s:<10} {1e3 * totals[s]:9.2f}  ({100 * totals[s] / total:5.1f} %)")
+    rest = total - sum(totals.values())
+    lines.append(f"  {'other':<10} {1e3 * rest:9.2f}  ({100 * rest / total:5.1f} %)  (heads, resizing, glue)")
+    sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    lines.append("heaviest operators / kernels:")
+    lines.append(prof.key_averages().table(sort_by=sort_key, row_limit=15))
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+# --------------------------------------------------------------------------- report
+def ratios(results: list[Measurement]) -> list[str]:
+    lines = []
+    by_setting: dict[str, dict[str, Measurement]] = {}
+    for m in results:
+        if m.status == "ok":
+            by_setting.setdefault(m.setting, {})[m.variant] = m
+    pairs = [("bimatting-fused", "bimatting-plain"), ("bimatting-fused", "rvm-fp16"), ("bimatting-fused", "rvm-fp32"),
+             ("bimatting-plain", "rvm-fp32"), ("rvm-fp16", "rvm-fp32")]
+    for setting, ms in by_setting.items():
+        for a, b in pairs:
+            if a in ms and b in ms:
+                lines.append(f"  {setting}: {a} / {b} = {ms[a].fps / ms[b].fps:.2f}x fps")
+    return lines
+
+
+def print_table(results: list[Measurement], device_name: str) -> None:
+    print(f"device: {device_name}")
+    header = f"{'variant':<16} {'setting':<30} {'ms/frame':>9} {'spread':>8} {'fps':>8} {'peak MiB':>9}  notes"
+    print(header)
+    print("-" * len(header))
+    for m in results:
+        if m.status != "ok":
+            print(f"{m.variant:<16} {m.setting:<30} {m.status}")
+            continue
+        print(f"{m.variant:<16} {m.setting:<30} {m.ms_per_frame:9.2f} {m.spread_ms:8.2f} {m.fps:8.2f} "
+              f"{m.peak_memory_mib:9.0f}  {', '.join(m.notes)}")
+    lines = ratios(results)
+    if lines:
+        print("ratios (same run, same inputs):")
+        print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> list[Measurement]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=(288, 512), help="frame size WIDTHxHEIGHT (default 512x288)")
-    parser.add_argument("--downsample-ratio", type=float, default=1.0, help="RVM downsample ratio (default 1)")
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes(DEFAULT_SIZES),
+                        help=f"WIDTHxHEIGHT@DOWNSAMPLE_RATIO items (default {DEFAULT_SIZES})")
+    parser.add_argument("--variants", default=",".join(VARIANT_NAMES),
+                        help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
     parser.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
-    parser.add_argument("--frames", type=int, default=1, help="frames per call T (default 1)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
+    parser.add_argument("--frames", type=parse_ints, default=None,
+                        help="frames per call T, comma-separated (default 1,8 on CUDA, 1 on CPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the plain/float variants")
+    parser.add_argument("--profile", action="store_true",
+                        help="also break the first runnable variant's time down by stage and kernel")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
 
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANT_NAMES))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANT_NAMES)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    if device.type == "cpu" and dtype == torch.float16:
-        parser.error("--dtype float16 needs a CUDA device")
-    h, w = args.size
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    frames = args.frames or ([1, 8] if device.type == "cuda" else [1])
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
     torch.manual_seed(0)
-    model = BiMatting().eval().to(device=device, dtype=dtype)
-    src = torch.rand(args.batch, args.frames, 3, h, w, device=device, dtype=dtype)
-    times = measure(model, src, args.downsample_ratio, args.warmup, args.repeats)
 
-    frames = args.batch * args.frames
-    median = statistics.median(times)
-    result = {
-        "model": "BiMatting (plain PyTorch, float-simulated binary layers)",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "size": f"{w}x{h}",
-        "downsample_ratio": args.downsample_ratio,
-        "batch": args.batch,
-        "frames_per_call": args.frames,
-        "dtype": args.dtype,
-        "median_ms_per_frame": 1e3 * median / frames,
-        "spread_ms_per_frame": 1e3 * (max(times) - min(times)) / frames,
-        "fps": frames / median,
-        "repeats": args.repeats,
-    }
+    results: list[Measurement] = []
+    profiles: list[str] = []
+    for name in variants:
+        model, dtype_or_reason, notes = build_variant(name, device, args.compile)
+        for w, h, r in args.sizes:
+            for t in frames:
+                setting = Setting(w, h, r, args.batch, t)
+                if model is None:
+                    results.append(Measurement(name, setting.label, dtype_or_reason))
+                    continue
+                m = run_variant(model, dtype_or_reason, setting, device, args.warmup, args.repeats)
+                m.variant, m.notes = name, [dtype_or_reason, *notes]
+                results.append(m)
+        if args.profile and model is not None and not profiles:
+            w, h, r = args.sizes[0]
+            profiles.append(f"[{name}] " + profile_stages(model, Setting(w, h, r, args.batch, frames[0]), device,
+                                                          dtype_or_reason))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"device": device_name, "results": [asdict(m) for m in results],
+                          "ratios": ratios(results), "profile": profiles}, indent=1))
     else:
-        for key, value in result.items():
-            print(f"{key:>22}: {value:.2f}" if isinstance(value, float) else f"{key:>22}: {value}")
+        print_table(results, device_name)
+        for p in profiles:
+            print(p)
         if device.type != "cuda":
-            print("note: no CUDA device, so this is the plain-PyTorch path; the fused Triton kernels need CUDA.")
-    return result
+            print("note: no CUDA device, so only the plain-PyTorch variants ran; the fused Triton kernels need CUDA.")
+    return results
 
 
 if __name__ == "__main__":

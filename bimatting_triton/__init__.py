@@ -9,6 +9,7 @@ from importlib import import_module
 from .checkpoint import CheckpointError
 from .model import BiMatting
 from .nn import BiConv2d, BinaryActivation, LearnableBias
+from .profile import Profile, profile  # bimatting_triton.profile is the function
 from .swap import binarize_, swap_modules
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __all__ = [
     "CheckpointError",
     "swap_modules",
     "binarize_",
+    "profile",
+    "Profile",
     *_LAZY,
 ]
 
