@@ -7,6 +7,7 @@ runs its module once and ``import bimatting_triton`` stays light.
 from importlib import import_module
 
 from .checkpoint import CheckpointError
+from .fuse import convert
 from .model import BiMatting
 from .nn import BiConv2d, BinaryActivation, LearnableBias
 from .profile import Profile, profile  # bimatting_triton.profile is the function
@@ -27,6 +28,7 @@ __all__ = [
     "BinaryActivation",
     "LearnableBias",
     "CheckpointError",
+    "convert",
     "swap_modules",
     "binarize_",
     "profile",

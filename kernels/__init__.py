@@ -1,5 +1,21 @@
 """Triton kernels of bimatting_triton, installed as ``bimatting_triton.kernels``.
 
-Each op lives in its own module beside the plain-PyTorch reference it must equal.
-Under ``TRITON_INTERPRET=1`` (set before import) the kernels run on the CPU.
+Each op lives in its own module beside the plain-PyTorch reference it must equal:
+``pack`` (LearnableBias + sign + bit-pack) and ``binary_conv`` (packed 1x1/3x3 binary
+convolution with a fused epilogue). Under ``TRITON_INTERPRET=1`` (set before import)
+the kernels run on the CPU.
 """
+from .binary_conv import Epilogue, PackedWeight, Residual, binary_conv2d, binary_conv2d_reference, pack_weight
+from .pack import PackedActivation, sign_pack, sign_pack_reference
+
+__all__ = [
+    "PackedActivation",
+    "sign_pack",
+    "sign_pack_reference",
+    "PackedWeight",
+    "pack_weight",
+    "Epilogue",
+    "Residual",
+    "binary_conv2d",
+    "binary_conv2d_reference",
+]

@@ -1,0 +1,346 @@
+"""``convert(model)``: a copy of a BiMatting model whose binary layers run the packed kernels.
+
+The converted model has the same forward arguments and outputs as the original one
+and computes the same function up to float rounding (inference only: its forward runs
+under ``torch.no_grad()``, and BatchNorm is folded with its running statistics, i.e.
+eval-mode semantics). What is replaced:
+
+* ``BinaryBackbone`` -> :class:`FusedBackbone`: the 17 BasicBlocks as a chain of packed
+  convolutions. Each block is two kernel launches: the 3x3 conv with ``bn1``, the
+  shortcut (``'add'``, or ``'avgpool'`` for stride 2), ``move12``/``prelu1``/``move13``
+  fused, which also packs ``sign(move21(out1))``; then the 1x1 stage as *one* conv
+  (the 2 or 4 branches of a dense block stacked along Cout, their residual read at
+  channel ``o % C``; the shrinking block's residual fused as ``'half_sum'``) with
+  ``bn2*``, ``move22``/``prelu2``/``move23``, the dense shortcut of blocks 3/6/12
+  (``'avgpool'`` post-residual) and the *next* block's ``move11`` + sign + pack fused.
+  The float activations are still written once per stage (they are the next
+  shortcut), but no float tensor is re-read to binarize it.
+* Any ``nn.Sequential`` made of binary units ``LearnableBias -> BinaryActivation ->
+  BiConv2d [-> BatchNorm2d] [-> LearnableBias] [-> PReLU | ReLU] [-> LearnableBias]``
+  and other modules (ASPP, GRU gates, decoder blocks, refiner) -> :class:`FusedSequential`;
+  two units in a row (the refiner's) pass packed bits only: the first one's epilogue
+  applies the second one's LearnableBias + sign + pack and stores no float.
+* A ``BasicBlock`` outside a ``BinaryBackbone`` -> :class:`FusedBasicBlock`.
+
+Any ``BiConv2d`` left unconverted is an error. ``backend='auto'`` runs the Triton
+kernels where they can run (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and their
+plain-PyTorch references elsewhere; ``backend='reference'`` always runs the references
+(same packed weights and folded epilogues, float64 integer convolution).
+Convert after moving the model to its device and dtype; ``.to()``/``.double()`` on the
+converted model also work (packed bits are integer buffers, the epilogue vectors
+follow the float dtype, which is the epilogue's compute dtype).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .kernels.binary_conv import (
+    ConvOutput,
+    Epilogue,
+    PackedWeight,
+    Residual,
+    binary_conv2d,
+    binary_conv2d_reference,
+    fold_scale_shift,
+    pack_weight,
+)
+from .kernels.pack import PackedActivation, sign_pack, sign_pack_reference
+from .model.backbone import DENSE_SHORTCUTS, FEATURE_BLOCKS, BasicBlock, BinaryBackbone
+from .nn import BiConv2d, BinaryActivation, LearnableBias
+
+__all__ = ["convert", "BinaryConvUnit", "FusedSequential", "FusedBasicBlock", "FusedBackbone"]
+
+BACKENDS = ("auto", "reference")
+
+
+def _vec(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().reshape(-1).clone()
+
+
+class BinaryConvUnit(nn.Module):
+    """``LB -> sign -> BiConv2d(s) -> [BN] -> [LB] -> [PReLU | ReLU] -> [LB]`` with packed weights.
+
+    ``convs``: one BiConv2d, or several with the same input, kernel, stride and padding
+    whose outputs are concatenated (the stacked branches of a dense block); ``bns``: a
+    BatchNorm2d (or None) per conv. ``in_bias``: the LearnableBias before the sign (None:
+    the input arrives packed). ``bias_a`` / ``act`` / ``bias_b``: the modules after the BN.
+    Buffers: ``bits`` (int32), ``int8``, ``alpha``, and the folded epilogue vectors.
+    """
+
+    def __init__(
+        self,
+        convs: Sequence[BiConv2d],
+        bns: Sequence[nn.BatchNorm2d | None] | None = None,
+        in_bias: LearnableBias | None = None,
+        bias_a: LearnableBias | None = None,
+        act: nn.Module | None = None,
+        bias_b: LearnableBias | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        convs = list(convs)
+        bns = list(bns) if bns is not None else [None] * len(convs)
+        first = convs[0]
+        for c in convs:
+            if not isinstance(c, BiConv2d):
+                raise TypeError(f"convs must be BiConv2d modules, got {type(c).__name__}")
+            if (c.in_channels, c.kernel_size, c.stride, c.padding) != (
+                first.in_channels, first.kernel_size, first.stride, first.padding
+            ):
+                raise ValueError("stacked convs must share in_channels, kernel_size, stride and padding")
+        if len(bns) != len(convs):
+            raise ValueError(f"bns must have one entry per conv ({len(convs)}), got {len(bns)}")
+        with torch.no_grad():
+            weight = torch.cat([c.weight for c in convs], dim=0)
+            pw = pack_weight(weight, first.stride[0], first.padding[0])
+            dtype = weight.dtype
+            scales, shifts, start = [], [], 0
+            for c, bn in zip(convs, bns):
+                cout = c.out_channels
+                sc, sh = fold_scale_shift(pw.alpha[start : start + cout], bn, c.bias, dtype=dtype)
+                scales.append(sc)
+                shifts.append(sh)
+                start += cout
+        self.in_channels = first.in_channels
+        self.out_channels = weight.shape[0]
+        self.stride, self.padding = first.stride[0], first.padding[0]
+        self.register_buffer("bits", pw.bits)
+        self.register_buffer("int8", pw.int8)
+        self.register_buffer("alpha", pw.alpha)
+        self.register_buffer("scale", torch.cat(scales))
+        self.register_buffer("shift", torch.cat(shifts))
+        self.register_buffer("in_bias", _vec(in_bias.bias) if in_bias is not None else None)
+        self.register_buffer("bias_a", _vec(bias_a.bias) if bias_a is not None else None)
+        self.register_buffer("bias_b", _vec(bias_b.bias) if bias_b is not None else None)
+        if act is None:
+            self.act, slope = None, None
+        elif isinstance(act, nn.PReLU):
+            self.act, slope = "prelu", _vec(act.weight)
+        elif isinstance(act, nn.ReLU):
+            self.act, slope = "relu", None
+        else:
+            raise TypeError(f"act must be nn.PReLU, nn.ReLU or None, got {type(act).__name__}")
+        self.register_buffer("slope", slope)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        kh, kw = self.bits.shape[:2]
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}, "
+                f"act={self.act}, backend={self.backend!r}")
+
+    def packed_weight(self) -> PackedWeight:
+        return PackedWeight(self.bits, self.alpha, self.in_channels, self.stride, self.padding, self.int8)
+
+    def pack(self, x: Tensor) -> PackedActivation:
+        """``sign(in_bias(x))`` packed; x (N, Cin, H, W) float."""
+        fn = sign_pack_reference if self.backend == "reference" else sign_pack
+        return fn(x, self.in_bias)
+
+    def run(
+        self,
+        x: PackedActivation,
+        residual: Residual | None = None,
+        post_residual: Residual | None = None,
+        next_bias: Tensor | None = None,
+        pack_next: bool = False,
+        store_float: bool = True,
+    ) -> ConvOutput:
+        """The convolution and its epilogue on packed input; optionally packs ``sign(y + next_bias)``."""
+        epi = Epilogue(
+            scale=self.scale, shift=self.shift, residual=residual, bias_a=self.bias_a, act=self.act,
+            prelu_weight=self.slope, bias_b=self.bias_b, post_residual=post_residual,
+            store_float=store_float, pack=pack_next, next_bias=next_bias if pack_next else None,
+        )
+        fn = binary_conv2d_reference if self.backend == "reference" else binary_conv2d
+        return fn(x, self.packed_weight(), epi)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """x (N, Cin, H, W) float -> (N, Cout, H', W') in the dtype of the epilogue vectors."""
+        return self.run(self.pack(x)).y
+
+
+def _is_unit_start(mods: list[nn.Module], i: int) -> bool:
+    return (
+        i + 2 < len(mods)
+        and isinstance(mods[i], LearnableBias)
+        and isinstance(mods[i + 1], BinaryActivation)
+        and isinstance(mods[i + 2], BiConv2d)
+    )
+
+
+class FusedSequential(nn.Module):
+    """An ``nn.Sequential`` with its binary units replaced by :class:`BinaryConvUnit` s.
+
+    Other modules run unchanged; a unit directly followed by another unit hands it
+    packed bits (its epilogue applies the next unit's LearnableBias + sign + pack).
+    """
+
+    def __init__(self, seq: nn.Sequential, backend: str = "auto"):
+        super().__init__()
+        mods = list(seq)
+        ops: list[nn.Module] = []
+        i = 0
+        while i < len(mods):
+            if not _is_unit_start(mods, i):
+                if isinstance(mods[i], BiConv2d):
+                    raise ValueError(
+                        f"cannot fuse BiConv2d at index {i}: it is not preceded by LearnableBias -> BinaryActivation"
+                    )
+                ops.append(mods[i])
+                i += 1
+                continue
+            in_bias, conv = mods[i], mods[i + 2]
+            i += 3
+            bn = bias_a = act = bias_b = None
+            if i < len(mods) and isinstance(mods[i], nn.BatchNorm2d):
+                bn, i = mods[i], i + 1
+            if i < len(mods) and isinstance(mods[i], LearnableBias) and not _is_unit_start(mods, i):
+                bias_a, i = mods[i], i + 1
+            if i < len(mods) and isinstance(mods[i], (nn.PReLU, nn.ReLU)):
+                act, i = mods[i], i + 1
+                if i < len(mods) and isinstance(mods[i], LearnableBias) and not _is_unit_start(mods, i):
+                    bias_b, i = mods[i], i + 1
+            ops.append(BinaryConvUnit([conv], [bn], in_bias, bias_a, act, bias_b, backend))
+        self.ops = nn.ModuleList(ops)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        packed: PackedActivation | None = None
+        for i, op in enumerate(self.ops):
+            if not isinstance(op, BinaryConvUnit):
+                x = op(x)
+                continue
+            if packed is None:
+                packed = op.pack(x)
+            nxt = self.ops[i + 1] if i + 1 < len(self.ops) else None
+            if isinstance(nxt, BinaryConvUnit):
+                out = op.run(packed, next_bias=nxt.in_bias, pack_next=True, store_float=False)
+            else:
+                out = op.run(packed)
+            x, packed = out.y, out.packed
+        return x
+
+
+class FusedBasicBlock(nn.Module):
+    """A backbone ``BasicBlock`` as two packed convolutions (see the module docstring)."""
+
+    def __init__(self, block: BasicBlock, backend: str = "auto"):
+        super().__init__()
+        self.mode, self.stride = block.mode, block.stride
+        self.conv3x3 = BinaryConvUnit(
+            [block.binary_3x3], [block.bn1], block.move11, block.move12, block.prelu1, block.move13, backend
+        )
+        convs, bns = zip(*block.pointwise_branches())
+        self.pointwise = BinaryConvUnit(convs, bns, block.move21, block.move22, block.prelu2, block.move23, backend)
+
+    @property
+    def in_bias(self) -> Tensor | None:
+        """``move11``'s bias: what a previous stage applies when it packs this block's input."""
+        return self.conv3x3.in_bias
+
+    def run(
+        self,
+        x: Tensor,
+        packed: PackedActivation | None = None,
+        dense_source: Tensor | None = None,
+        next_bias: Tensor | None = None,
+        pack_next: bool = False,
+    ) -> ConvOutput:
+        """x (N, Cin, H, W) float (the shortcut); ``packed``: ``sign(move11(x))`` if already packed;
+        ``dense_source``: a tensor whose 2x2 average pool is added to the output (dense shortcut)."""
+        if packed is None:
+            packed = self.conv3x3.pack(x)
+        shortcut = Residual(x, "avgpool" if self.stride == 2 else "add")
+        out1 = self.conv3x3.run(packed, residual=shortcut, next_bias=self.pointwise.in_bias, pack_next=True)
+        residual = Residual(out1.y, "half_sum" if self.mode == "shrink" else "add")
+        post = Residual(dense_source, "avgpool") if dense_source is not None else None
+        return self.pointwise.run(out1.packed, residual=residual, post_residual=post,
+                                  next_bias=next_bias, pack_next=pack_next)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x).y
+
+
+class FusedBackbone(nn.Module):
+    """``BinaryBackbone`` with the blocks chained on packed activations; same forward."""
+
+    def __init__(self, backbone: BinaryBackbone, backend: str = "auto"):
+        super().__init__()
+        self.stem = backbone.feature[0]
+        self.blocks = nn.ModuleList(FusedBasicBlock(b, backend) for b in list(backbone.feature)[1:])
+        self.register_buffer("mean", backbone.mean.clone(), persistent=False)
+        self.register_buffer("std", backbone.std.clone(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        x = self.stem(x)
+        outputs = [x]
+        packed = None
+        for i, block in enumerate(self.blocks, start=1):
+            nxt = self.blocks[i] if i < len(self.blocks) else None
+            source = outputs[DENSE_SHORTCUTS[i]] if i in DENSE_SHORTCUTS else None
+            out = block.run(x, packed, source, nxt.in_bias if nxt is not None else None, pack_next=nxt is not None)
+            x, packed = out.y, out.packed
+            outputs.append(x)
+        f1, f2, f3, f4 = (outputs[i] for i in FEATURE_BLOCKS)
+        return f1, f2, f3, f4
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """A fused copy of ``model`` (or ``model`` itself with ``inplace=True``), in eval mode.
+
+    ``model``: a :class:`~bimatting_triton.BiMatting` (or any module built from
+    ``BinaryBackbone``, ``BasicBlock`` and ``nn.Sequential`` binary units). Its forward
+    arguments and outputs are unchanged; see the module docstring for what is fused.
+    ``backend``: ``'auto'`` (Triton kernels where they can run, else the references)
+    or ``'reference'`` (always the plain-PyTorch references).
+    Raises ``ValueError`` if a ``BiConv2d`` cannot be fused, naming it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    fused = model if inplace else copy.deepcopy(model)
+    fused.eval()
+    if isinstance(fused, BinaryBackbone):
+        return FusedBackbone(fused, backend).eval()
+    if isinstance(fused, BasicBlock):
+        return FusedBasicBlock(fused, backend).eval()
+    if isinstance(fused, nn.Sequential) and any(isinstance(m, BiConv2d) for m in fused):
+        return FusedSequential(fused, backend).eval()
+    # Outermost first; a replaced subtree is not visited again.
+    done: list[str] = []
+    for name, module in list(fused.named_modules()):
+        if any(name == d or name.startswith(d + ".") for d in done) or not name:
+            continue
+        new = None
+        if isinstance(module, BinaryBackbone):
+            new = FusedBackbone(module, backend)
+        elif isinstance(module, BasicBlock):
+            new = FusedBasicBlock(module, backend)
+        elif isinstance(module, nn.Sequential) and any(isinstance(m, BiConv2d) for m in module):
+            try:
+                new = FusedSequential(module, backend)
+            except ValueError as err:
+                raise ValueError(f"convert: {name}: {err}") from None
+        if new is not None:
+            _replace(fused, name, new.eval())
+            done.append(name)
+    left = [name for name, m in fused.named_modules() if isinstance(m, BiConv2d)]
+    if left:
+        raise ValueError(f"convert: cannot fuse BiConv2d modules {left} (not in a recognised binary unit)")
+    return fused

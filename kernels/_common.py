@@ -1,0 +1,66 @@
+"""Helpers shared by the Triton kernels: where Triton can run, and a 32-bit popcount.
+
+* :func:`interpreting` — whether ``TRITON_INTERPRET`` is on (kernels then run on the CPU
+  through Triton's interpreter; it has no libdevice, no ``popc``).
+* :func:`triton_can_run` — whether a kernel can run on a tensor: on CUDA, or anywhere
+  under the interpreter. Elsewhere the ops fall back to their plain-PyTorch reference.
+* :func:`popcount32` (``@triton.jit``) — bit count of 32-bit words, with the hardware
+  instruction (libdevice ``popc``) when ``HW`` is set and a SWAR count otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # The dispatching libdevice stubs (triton >= 3.0); only used on CUDA.
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the installed triton
+    libdevice = None
+
+__all__ = ["interpreting", "triton_can_run", "hardware_popcount", "popcount32"]
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set to a true value (kernels run on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def triton_can_run(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``tensor``'s device (CUDA, or any under the interpreter)."""
+    return interpreting() or tensor.is_cuda
+
+
+def hardware_popcount(tensor: torch.Tensor) -> bool:
+    """Whether to use libdevice ``popc`` (compiled CUDA kernels only) instead of the SWAR count."""
+    return (
+        libdevice is not None
+        and not interpreting()
+        and tensor.is_cuda
+        and torch.version.cuda is not None
+    )
+
+
+@triton.jit
+def _swar_popcount32(x):
+    # Classic SWAR bit count on unsigned words (logical shifts): sums of 2, 4, 8 bits,
+    # then the four byte counts folded into the low byte (no multiply, so no overflow).
+    u = x.to(tl.uint32, bitcast=True)
+    u = u - ((u >> 1) & 0x55555555)
+    u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+    u = (u + (u >> 4)) & 0x0F0F0F0F
+    u = u + (u >> 8)
+    u = u + (u >> 16)
+    return (u & 0x3F).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def popcount32(x, HW: tl.constexpr):
+    """Number of set bits of each 32-bit word of ``x`` (int32 or uint32) -> int32 in [0, 32]."""
+    if HW:
+        return libdevice.popc(x.to(tl.int32, bitcast=True))
+    else:
+        return _swar_popcount32(x)
+

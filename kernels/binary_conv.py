@@ -1,0 +1,772 @@
+"""Packed binary convolution (1x1 / 3x3, stride 1 / 2, zero padding) with a fused epilogue.
+
+Math: for a :class:`~bimatting_triton.kernels.pack.PackedActivation` ``a`` (values
+``sign(x + bias)`` in {-1, 0, +1}) and a :class:`PackedWeight` (values ``sign(w_c)`` in
+{-1, 0, +1}, ``w_c = w - mean(w)`` per output channel, ``alpha = mean|w_c|``), the
+integer accumulator is ``acc[n, o, i, j] = sum_{c, kh, kw} a[n, c, i*s - p + kh,
+j*s - p + kw] * sign(w_c)[o, c, kh, kw]``, with out-of-image taps contributing 0 (zero
+padding). ``BiConv2d(x) == alpha[o] * acc`` up to float rounding. The sum is exact:
+|acc| <= KH*KW*Cin < 2**31 (and converts exactly to float32 while KH*KW*Cin <= 2**24).
+
+Bit layouts
+-----------
+* Activations: see :mod:`bimatting_triton.kernels.pack` (int32 (N, H, W, 2, CW), plane 0
+  sign, plane 1 nonzero, channel ``c`` at bit ``c % 32`` of word ``c // 32``).
+* :class:`PackedWeight` ``bits``: int32 (KH, KW, 2, CW, Cout), same two planes and
+  channel order, output channels contiguous (coalesced loads of a tile of Cout);
+  a degenerate output channel (all ``w_c == 0``) has nonzero bits 0, so it reads as 0.
+  ``int8``: the same values unpacked, int8 (KH, KW, 32*CW, Cout), padding rows 0.
+
+Exactness of the two corrections (padding and sign(0)): every product is
+``value_a * value_w`` with value ``nonzero - 2*sign``; padded channels, out-of-image
+taps (loaded as all-zero words) and zero activations/weights have ``nonzero == 0`` and
+contribute exactly 0, so no correction term is needed afterwards.
+
+Two inner loops (``method``):
+* ``'dot'`` (default, ``'auto'``): unpack the activation words of a (BM pixels x BK
+  channels) tile to int8 {-1, 0, +1} in registers and ``tl.dot`` them with the int8
+  weight tile, int32 accumulation (tensor cores on GPU: Triton has no 1-bit MMA).
+* ``'popcount'``: ``valid = nz_a & nz_w``, ``neg = (s_a ^ s_w) & valid``,
+  ``acc += popc(valid) - 2*popc(neg)`` per 32-channel word (libdevice ``popc`` on CUDA,
+  a SWAR count elsewhere). Kept for comparison; the benchmark picks.
+
+Fused epilogue (:class:`Epilogue`), all per output channel ``o``, in the dtype of
+``scale`` (the compute dtype, float32 or float64), in this order::
+
+    y = acc * scale[o] (+ shift[o])          # alpha, conv bias and eval BatchNorm folded
+    y = y + residual                         # Residual: 'add' | 'half_sum' | 'avgpool'
+    y = y + bias_a[o]                        # LearnableBias
+    y = prelu(y, slope[o]) or relu(y)        # act
+    y = y + bias_b[o]                        # LearnableBias
+    y = y + post_residual                    # e.g. the dense shortcut across blocks
+    y_out = y cast to out_dtype               # stored if store_float
+    packed = pack(sign(y_out + next_bias))   # if pack: the next binary layer's input
+
+Residual modes (all fused, nothing to precompute): ``'add'`` reads a (N, Cr, Ho, Wo)
+tensor at channel ``o % Cr`` (Cr == Cout, or Cr dividing Cout for the stacked branches
+of a dense block); ``'half_sum'`` reads (N, 2*Cout, Ho, Wo) and adds
+``(r[o] + r[o + Cout]) / 2`` (the shrinking block); ``'avgpool'`` reads (N, Cout, Hr,
+Wr) and adds ``AvgPool2d(2, 2, ceil_mode=True)(r)`` (divisor = the in-image count,
+as PyTorch's with zero padding), for the stride-2 shortcut. Float tensors are logical
+NCHW with any strides; outputs are allocated channels-last (NHWC in memory) unless an
+``out`` tensor (any strides, e.g. a channel slice of a concat buffer) is given. ``out``
+must not overlap any input (on CUDA the autotuner may run the kernel more than once).
+
+Batch and time are folded into N by the caller. Public: :func:`pack_weight`,
+:func:`pack_conv`, :func:`fold_scale_shift`, :class:`Epilogue`, :class:`Residual`,
+:func:`binary_conv2d` (Triton; reference fallback where Triton cannot run) and
+:func:`binary_conv2d_reference` (plain PyTorch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from ._common import hardware_popcount, interpreting, popcount32, triton_can_run
+from .pack import WORD_BITS, PackedActivation, pack_values, sign_pack_reference, unpack_values, words_for
+
+__all__ = [
+    "PackedWeight",
+    "pack_weight",
+    "pack_conv",
+    "fold_scale_shift",
+    "Residual",
+    "Epilogue",
+    "ConvOutput",
+    "binary_conv2d",
+    "binary_conv2d_reference",
+]
+
+METHODS = ("auto", "dot", "popcount")
+RESIDUAL_MODES = ("add", "half_sum", "avgpool")
+ACTIVATIONS = (None, "prelu", "relu")
+
+
+# ----------------------------------------------------------------------------------------
+# Packed weights
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedWeight:
+    """Binary weights of one BiConv2d, packed (layouts in the module docstring).
+
+    ``bits``: int32 (KH, KW, 2, ceil(Cin/32), Cout). ``alpha``: (Cout,) float, ``mean|w_c|``.
+    ``in_channels``: Cin. ``stride``, ``padding``: the convolution's (zero padding).
+    ``int8``: int8 (KH, KW, 32*ceil(Cin/32), Cout) values for the ``'dot'`` path; derived
+    from ``bits`` when not given (pass a stored copy to skip the unpacking).
+    """
+
+    bits: Tensor
+    alpha: Tensor
+    in_channels: int
+    stride: int = 1
+    padding: int = 0
+    int8: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        b = self.bits
+        if not isinstance(b, Tensor) or b.dtype != torch.int32 or b.dim() != 5 or b.shape[2] != 2:
+            raise ValueError(
+                "PackedWeight.bits must be an int32 tensor of shape (KH, KW, 2, CW, Cout), got "
+                f"{getattr(b, 'dtype', type(b))} {tuple(getattr(b, 'shape', ()))}"
+            )
+        if b.shape[3] != words_for(self.in_channels):
+            raise ValueError(
+                f"PackedWeight.bits has {b.shape[3]} words, expected ceil({self.in_channels} / 32)"
+            )
+        a = self.alpha
+        if not isinstance(a, Tensor) or a.shape != (b.shape[4],) or not a.is_floating_point():
+            raise ValueError(f"PackedWeight.alpha must be a float tensor of shape ({b.shape[4]},)")
+        if self.alpha.device != b.device:
+            raise ValueError("PackedWeight.alpha and bits must be on the same device")
+        if not (isinstance(self.stride, int) and self.stride >= 1):
+            raise ValueError(f"PackedWeight.stride must be a positive int, got {self.stride!r}")
+        if not (isinstance(self.padding, int) and self.padding >= 0):
+            raise ValueError(f"PackedWeight.padding must be a non-negative int, got {self.padding!r}")
+        object.__setattr__(self, "bits", b.contiguous())
+        kh, kw, _, cw, cout = b.shape
+        if self.int8 is None:
+            # (KH, KW, Cout, 2, CW) -> values (KH, KW, Cout, 32*CW) -> (KH, KW, 32*CW, Cout)
+            vals = unpack_values(b.permute(0, 1, 4, 2, 3), cw * WORD_BITS, torch.int8)
+            object.__setattr__(self, "int8", vals.permute(0, 1, 3, 2).contiguous())
+        elif (
+            not isinstance(self.int8, Tensor) or self.int8.dtype != torch.int8
+            or self.int8.shape != (kh, kw, cw * WORD_BITS, cout) or self.int8.device != b.device
+        ):
+            raise ValueError(
+                f"PackedWeight.int8 must be an int8 tensor of shape {(kh, kw, cw * WORD_BITS, cout)} on {b.device}"
+            )
+        else:
+            object.__setattr__(self, "int8", self.int8.contiguous())
+
+    @property
+    def out_channels(self) -> int:
+        return self.bits.shape[4]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.bits.shape[0], self.bits.shape[1])
+
+    @property
+    def words(self) -> int:
+        return self.bits.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def to(self, device) -> "PackedWeight":
+        return PackedWeight(
+            self.bits.to(device), self.alpha.to(device), self.in_channels, self.stride, self.padding,
+            self.int8.to(device),
+        )
+
+    def values(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``sign(w_c)`` as (Cout, Cin, KH, KW) of ``dtype``."""
+        v = unpack_values(self.bits.permute(0, 1, 4, 2, 3), self.in_channels, dtype)  # (KH, KW, Cout, Cin)
+        return v.permute(2, 3, 0, 1).contiguous()
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output (Ho, Wo) for an (h, w) input."""
+        kh, kw = self.kernel_size
+        return ((h + 2 * self.padding - kh) // self.stride + 1, (w + 2 * self.padding - kw) // self.stride + 1)
+
+
+def pack_weight(weight: Tensor, stride: int = 1, padding: int | None = None) -> PackedWeight:
+    """Pack a BiConv2d weight (Cout, Cin, KH, KW) exactly as ``bimatting_triton.nn`` binarizes it.
+
+    ``w_c = weight - mean(weight over (Cin, KH, KW))``, ``alpha = mean(|w_c|)`` per output
+    channel (same ops as ``binarize_weight``, so ``alpha * values == binarize_weight``
+    bitwise), sign bits of ``w_c`` (``w_c == 0`` packs as 0). ``padding`` defaults to
+    ``KH // 2`` (BiConv2d's default).
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or not weight.is_floating_point():
+        raise ValueError(
+            "weight must be a float tensor of shape (Cout, Cin, KH, KW), got "
+            f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if padding is None:
+        padding = weight.shape[2] // 2
+    with torch.no_grad():
+        w_c = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+        alpha = w_c.abs().mean(dim=(1, 2, 3))
+        bits = pack_values(torch.sign(w_c).permute(2, 3, 0, 1))  # (KH, KW, Cout, 2, CW)
+    bits = bits.permute(0, 1, 3, 4, 2).contiguous()  # (KH, KW, 2, CW, Cout)
+    return PackedWeight(bits, alpha.detach().clone(), weight.shape[1], stride, padding)
+
+
+def pack_conv(conv: nn.Conv2d) -> PackedWeight:
+    """Pack a ``BiConv2d`` (or any zero-padded, ungrouped Conv2d with square stride/padding)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d (BiConv2d), got {type(conv).__name__}")
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError("conv must have groups=1, dilation=1 and zero padding")
+    if conv.stride[0] != conv.stride[1] or not isinstance(conv.padding, tuple) or conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"conv must have a square stride and padding, got {conv.stride}, {conv.padding}")
+    return pack_weight(conv.weight, conv.stride[0], conv.padding[0])
+
+
+def fold_scale_shift(
+    alpha: Tensor,
+    batchnorm: nn.BatchNorm2d | None = None,
+    conv_bias: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fold ``BN(alpha * acc + conv_bias)`` (BN in eval mode) into ``acc * scale + shift``.
+
+    ``k = gamma / sqrt(running_var + eps)``, ``scale = alpha * k``,
+    ``shift = (conv_bias - running_mean) * k + beta``; computed in float64, returned as
+    two (Cout,) tensors of ``dtype`` (default ``alpha.dtype``), which becomes the
+    epilogue's compute dtype. Equal to the unfolded math up to float rounding.
+    """
+    dtype = dtype or alpha.dtype
+    a = alpha.detach().to(torch.float64)
+    scale, shift = a, torch.zeros_like(a)
+    if conv_bias is not None:
+        shift = conv_bias.detach().to(torch.float64).reshape(-1)
+    if batchnorm is not None:
+        if batchnorm.running_mean is None or batchnorm.running_var is None:
+            raise ValueError("batchnorm must track running statistics to be folded")
+        k = 1.0 / torch.sqrt(batchnorm.running_var.detach().to(torch.float64) + batchnorm.eps)
+        if batchnorm.weight is not None:
+            k = k * batchnorm.weight.detach().to(torch.float64)
+        scale = scale * k
+        shift = (shift - batchnorm.running_mean.detach().to(torch.float64)) * k
+        if batchnorm.bias is not None:
+            shift = shift + batchnorm.bias.detach().to(torch.float64)
+    return scale.to(dtype), shift.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Epilogue description
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Residual:
+    """A float tensor (logical NCHW, any strides) added in the epilogue; ``mode`` in
+    ``'add'`` (N, Cr, Ho, Wo) with Cr | Cout, ``'half_sum'`` (N, 2*Cout, Ho, Wo),
+    ``'avgpool'`` (N, Cout, Hr, Wr) with ceil(Hr/2) == Ho and ceil(Wr/2) == Wo."""
+
+    tensor: Tensor
+    mode: str = "add"
+
+
+@dataclass
+class Epilogue:
+    """What :func:`binary_conv2d` does with the integer accumulator (order in the module docstring).
+
+    Per-channel vectors may have any shape with Cout elements (e.g. LearnableBias's
+    (1, C, 1, 1)); they are cast to ``scale.dtype``, the compute dtype. ``prelu_weight``
+    may also have 1 element (``nn.PReLU()``). ``residual`` / ``post_residual``: a
+    :class:`Residual` or a plain tensor (mode ``'add'``). ``out``: optional float output
+    (N, Cout, Ho, Wo), any strides; else one is allocated (channels-last) of
+    ``out_dtype`` (default the compute dtype). ``pack``: also return
+    ``pack(sign(y_out + next_bias))``.
+    """
+
+    scale: Tensor
+    shift: Tensor | None = None
+    residual: Residual | Tensor | None = None
+    bias_a: Tensor | None = None
+    act: str | None = None
+    prelu_weight: Tensor | None = None
+    bias_b: Tensor | None = None
+    post_residual: Residual | Tensor | None = None
+    store_float: bool = True
+    out: Tensor | None = None
+    out_dtype: torch.dtype | None = None
+    pack: bool = False
+    next_bias: Tensor | None = None
+
+
+class ConvOutput(NamedTuple):
+    """Result of :func:`binary_conv2d` with an epilogue: float output (or None) and packed (or None)."""
+
+    y: Tensor | None
+    packed: PackedActivation | None
+
+
+@dataclass
+class _Prepared:
+    """An :class:`Epilogue` checked against the output shape, vectors as (Cout,) compute dtype."""
+
+    scale: Tensor
+    shift: Tensor | None
+    residual: Residual | None
+    bias_a: Tensor | None
+    act: str | None
+    slope: Tensor | None
+    bias_b: Tensor | None
+    post_residual: Residual | None
+    store_float: bool
+    out: Tensor | None
+    out_dtype: torch.dtype
+    pack: bool
+    next_bias: Tensor | None
+
+
+def _vector(v, cout: int, name: str, dtype: torch.dtype, device, allow_scalar: bool = False) -> Tensor | None:
+    if v is None:
+        return None
+    if not isinstance(v, Tensor) or not v.is_floating_point():
+        raise TypeError(f"epilogue.{name} must be a float tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+    if v.device != device:
+        raise ValueError(f"epilogue.{name} is on {v.device}, expected {device}")
+    if v.numel() == 1 and allow_scalar:
+        return v.reshape(1).expand(cout).to(dtype).contiguous()
+    if v.numel() != cout:
+        raise ValueError(
+            f"epilogue.{name} must have {cout} elements (one per output channel), got shape {tuple(v.shape)}"
+        )
+    return v.reshape(cout).to(dtype).contiguous()
+
+
+def _residual(r, name: str, n: int, cout: int, ho: int, wo: int, device) -> Residual | None:
+    if r is None:
+        return None
+    if isinstance(r, Tensor):
+        r = Residual(r)
+    if not isinstance(r, Residual):
+        raise TypeError(f"epilogue.{name} must be a Residual or a tensor, got {type(r).__name__}")
+    t = r.tensor
+    if r.mode not in RESIDUAL_MODES:
+        raise ValueError(f"epilogue.{name}.mode must be one of {RESIDUAL_MODES}, got {r.mode!r}")
+    if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+        raise ValueError(f"epilogue.{name} must be a 4-D float tensor (N, C, H, W)")
+    if t.device != device:
+        raise ValueError(f"epilogue.{name} is on {t.device}, expected {device}")
+    tn, tc, th, tw = t.shape
+    if r.mode == "add":
+        ok = tc >= 1 and cout % tc == 0 and (th, tw) == (ho, wo)
+        want = f"(N={n}, C dividing {cout}, {ho}, {wo})"
+    elif r.mode == "half_sum":
+        ok = tc == 2 * cout and (th, tw) == (ho, wo)
+        want = f"({n}, {2 * cout}, {ho}, {wo})"
+    else:
+        ok = tc == cout and (th + 1) // 2 == ho and (tw + 1) // 2 == wo
+        want = f"({n}, {cout}, H, W) with ceil(H/2) = {ho}, ceil(W/2) = {wo}"
+    if not ok or tn != n:
+        raise ValueError(f"epilogue.{name} ({r.mode}) must have shape {want}, got {tuple(t.shape)}")
+    return r
+
+
+def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Prepared:
+    if not isinstance(epi, Epilogue):
+        raise TypeError(f"epilogue must be an Epilogue or None, got {type(epi).__name__}")
+    if not isinstance(epi.scale, Tensor) or not epi.scale.is_floating_point():
+        raise TypeError("epilogue.scale must be a float tensor (its dtype is the compute dtype)")
+    cd = epi.scale.dtype
+    if cd not in (torch.float32, torch.float64):
+        raise TypeError(f"epilogue.scale must be float32 or float64 (the compute dtype), got {cd}")
+    if epi.act not in ACTIVATIONS:
+        raise ValueError(f"epilogue.act must be one of {ACTIVATIONS}, got {epi.act!r}")
+    if (epi.act == "prelu") != (epi.prelu_weight is not None):
+        raise ValueError("epilogue.prelu_weight must be given exactly when act == 'prelu'")
+    if not (epi.store_float or epi.pack):
+        raise ValueError("epilogue must store the float output, pack it, or both")
+    if epi.next_bias is not None and not epi.pack:
+        raise ValueError("epilogue.next_bias is only used with pack=True")
+    out = epi.out
+    out_dtype = epi.out_dtype or (out.dtype if out is not None else cd)
+    if out is not None:
+        if not epi.store_float:
+            raise ValueError("epilogue.out is given but store_float is False")
+        if not isinstance(out, Tensor) or tuple(out.shape) != (n, cout, ho, wo) or not out.is_floating_point():
+            raise ValueError(f"epilogue.out must be a float tensor of shape {(n, cout, ho, wo)}, got "
+                             f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+        if out.device != device:
+            raise ValueError(f"epilogue.out is on {out.device}, expected {device}")
+        if out.dtype != out_dtype:
+            raise ValueError(f"epilogue.out has dtype {out.dtype} but out_dtype is {out_dtype}")
+    if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"epilogue.out_dtype must be a float dtype, got {out_dtype}")
+    nb = None
+    if epi.next_bias is not None:
+        nb = _vector(epi.next_bias, cout, "next_bias", torch.promote_types(out_dtype, epi.next_bias.dtype), device)
+    return _Prepared(
+        scale=_vector(epi.scale, cout, "scale", cd, device),
+        shift=_vector(epi.shift, cout, "shift", cd, device),
+        residual=_residual(epi.residual, "residual", n, cout, ho, wo, device),
+        bias_a=_vector(epi.bias_a, cout, "bias_a", cd, device),
+        act=epi.act,
+        slope=_vector(epi.prelu_weight, cout, "prelu_weight", cd, device, allow_scalar=True),
+        bias_b=_vector(epi.bias_b, cout, "bias_b", cd, device),
+        post_residual=_residual(epi.post_residual, "post_residual", n, cout, ho, wo, device),
+        store_float=epi.store_float,
+        out=out,
+        out_dtype=out_dtype,
+        pack=epi.pack,
+        next_bias=nb,
+    )
+
+
+def _check_conv_args(x, weight) -> tuple[int, int, int, int, int, int]:
+    if not isinstance(x, PackedActivation):
+        raise TypeError(f"x must be a PackedActivation (see sign_pack), got {type(x).__name__}")
+    if not isinstance(weight, PackedWeight):
+        raise TypeError(f"weight must be a PackedWeight (see pack_weight), got {type(weight).__name__}")
+    n, c, h, w = x.shape
+    if c != weight.in_channels:
+        raise ValueError(f"x has {c} channels but weight expects {weight.in_channels}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    ho, wo = weight.output_size(h, w)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x's spatial size {(h, w)} is too small for kernel {weight.kernel_size}")
+    return n, c, h, w, ho, wo
+
+
+# ----------------------------------------------------------------------------------------
+# Reference (plain PyTorch)
+# ----------------------------------------------------------------------------------------
+def _residual_reference(r: Residual, cout: int, dtype: torch.dtype) -> Tensor:
+    t = r.tensor.to(dtype)
+    if r.mode == "add":
+        return t.repeat(1, cout // t.shape[1], 1, 1)
+    if r.mode == "half_sum":
+        return (t[:, :cout] + t[:, cout:]) / 2
+    return F.avg_pool2d(t, 2, 2, ceil_mode=True)
+
+
+def _epilogue_reference(acc: Tensor, p: _Prepared) -> ConvOutput:
+    cout = acc.shape[1]
+
+    def col(v: Tensor) -> Tensor:
+        return v.reshape(1, cout, 1, 1)
+
+    y = acc.to(p.scale.dtype) * col(p.scale)
+    if p.shift is not None:
+        y = y + col(p.shift)
+    if p.residual is not None:
+        y = y + _residual_reference(p.residual, cout, y.dtype)
+    if p.bias_a is not None:
+        y = y + col(p.bias_a)
+    if p.act == "prelu":
+        y = F.prelu(y, p.slope)
+    elif p.act == "relu":
+        y = torch.relu(y)
+    if p.bias_b is not None:
+        y = y + col(p.bias_b)
+    if p.post_residual is not None:
+        y = y + _residual_reference(p.post_residual, cout, y.dtype)
+    y = y.to(p.out_dtype)
+    packed = sign_pack_reference(y, p.next_bias) if p.pack else None
+    if p.out is not None:
+        p.out.copy_(y)
+        y = p.out
+    return ConvOutput(y if p.store_float else None, packed)
+
+
+def binary_conv2d_reference(
+    x: PackedActivation, weight: PackedWeight, epilogue: Epilogue | None = None
+) -> Tensor | ConvOutput:
+    """Plain-PyTorch :func:`binary_conv2d`: unpack to float64 {-1, 0, +1} and ``F.conv2d``.
+
+    Float64 is exact here (every partial sum is an integer below 2**53). Without an
+    epilogue returns the int32 accumulator (N, Cout, Ho, Wo); with one, a
+    :class:`ConvOutput` computed op by op in the order of the module docstring.
+    """
+    n, _, _, _, ho, wo = _check_conv_args(x, weight)
+    prepared = _prepare(epilogue, n, weight.out_channels, ho, wo, x.device) if epilogue is not None else None
+    acc = F.conv2d(x.unpack(torch.float64), weight.values(torch.float64), stride=weight.stride, padding=weight.padding)
+    acc = acc.round().to(torch.int32)
+    if prepared is None:
+        return acc
+    return _epilogue_reference(acc, prepared)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _add_residual(y, r_ptr, sn, sc, sh, sw, RH, RW, RC, n_img, oh, ow, offs_n, mask, MODE: tl.constexpr):
+    """y (BM, BN) + the residual of the tile; n_img/oh/ow (BM,) int64, offs_n (BN,) int32."""
+    if MODE == 1:  # 'add': channel o reads o % RC
+        c = (offs_n % RC).to(tl.int64)
+        ptr = r_ptr + (n_img * sn + oh * sh + ow * sw)[:, None] + (c * sc)[None, :]
+        y = y + tl.load(ptr, mask=mask, other=0.0).to(y.dtype)
+    elif MODE == 2:  # 'half_sum': RC == 2 * Cout, (r[o] + r[o + Cout]) / 2
+        c = offs_n.to(tl.int64)
+        ptr = r_ptr + (n_img * sn + oh * sh + ow * sw)[:, None] + (c * sc)[None, :]
+        r0 = tl.load(ptr, mask=mask, other=0.0).to(y.dtype)
+        r1 = tl.load(ptr + (RC // 2) * sc, mask=mask, other=0.0).to(y.dtype)
+        y = y + (r0 + r1) / 2
+    elif MODE == 3:  # 'avgpool': AvgPool2d(2, 2, ceil_mode=True), divisor = in-image count
+        c = offs_n.to(tl.int64)
+        total = tl.zeros_like(y)
+        count = tl.zeros_like(oh).to(y.dtype)
+        for dy in tl.static_range(2):
+            for dx in tl.static_range(2):
+                ih = 2 * oh + dy
+                iw = 2 * ow + dx
+                inside = (ih < RH) & (iw < RW)
+                ptr = r_ptr + (n_img * sn + ih * sh + iw * sw)[:, None] + (c * sc)[None, :]
+                total = total + tl.load(ptr, mask=mask & inside[:, None], other=0.0).to(y.dtype)
+                count = count + inside.to(y.dtype)
+        y = y + total / tl.maximum(count, 1.0)[:, None]
+    return y
+
+
+@triton.jit
+def _binary_conv_kernel(
+    x_ptr,  # int32 (N, H, W, 2, CW) packed activations
+    w_ptr,  # METHOD 0: int8 (KH, KW, 32*CW, COUT); METHOD 1: int32 (KH, KW, 2, CW, COUT)
+    M, H, W, HO, WO, CW, COUT,
+    scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr, nb_ptr,  # (COUT,) epilogue vectors
+    r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,  # residual
+    r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,  # post residual
+    y_ptr, y_sn, y_sc, y_sh, y_sw,  # output: int32 acc (EPILOGUE 0) or float y, logical NCHW
+    p_ptr, PCW,  # packed output int32 (N, HO, WO, 2, PCW)
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    METHOD: tl.constexpr, HW_POPC: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, R1_MODE: tl.constexpr, HAS_BA: tl.constexpr,
+    ACT: tl.constexpr, HAS_BB: tl.constexpr, R2_MODE: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_P: tl.constexpr, HAS_NB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # BK: input channels per step, a multiple of 32
+):
+    # Implicit GEMM: rows = output pixels m = (n*HO + oh)*WO + ow, columns = output
+    # channels, reduction over (kh, kw, input channel).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < COUT
+    n_img = offs_m // (HO * WO)
+    oh = (offs_m % (HO * WO)) // WO
+    ow = offs_m % WO
+    cin_pad = CW * 32
+
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            # Out-of-image taps load all-zero words: nonzero bits 0 => they contribute 0.
+            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pix = ((n_img * H + ih) * W + iw).to(tl.int64) * (2 * CW)  # word offset of the sign plane
+            tap = kh * KW + kw
+            if METHOD == 0:
+                kk = tl.arange(0, BK)
+                for k0 in range(0, cin_pad, BK):
+                    ch = k0 + kk  # input channel
+                    ch_ok = ch < cin_pad
+                    word = ch // 32
+                    shift = ch % 32
+                    amask = inside[:, None] & ch_ok[None, :]
+                    a_ptr = x_ptr + pix[:, None] + word[None, :]
+                    s = tl.load(a_ptr, mask=amask, other=0)
+                    z = tl.load(a_ptr + CW, mask=amask, other=0)
+                    sbit = ((s & z) >> shift[None, :]) & 1
+                    zbit = (z >> shift[None, :]) & 1
+                    a = (zbit - 2 * sbit).to(tl.int8)  # {-1, 0, +1}
+                    b_ptr = w_ptr + (tap * cin_pad + ch).to(tl.int64)[:, None] * COUT + offs_n[None, :]
+                    b = tl.load(b_ptr, mask=ch_ok[:, None] & n_ok[None, :], other=0)
+                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:
+                kw_ = tl.arange(0, BK // 32)
+                for w0 in range(0, CW, BK // 32):
+                    word = w0 + kw_
+                    w_ok = word < CW
+                    amask = inside[:, None] & w_ok[None, :]
+                    a_ptr = x_ptr + pix[:, None] + word[None, :]
+                    z = tl.load(a_ptr + CW, mask=amask, other=0)
+                    s = tl.load(a_ptr, mask=amask, other=0) & z
+                    b_ptr = w_ptr + (tap * 2 * CW + word).to(tl.int64)[:, None] * COUT + offs_n[None, :]
+                    bmask = w_ok[:, None] & n_ok[None, :]
+                    wz = tl.load(b_ptr + CW * COUT, mask=bmask, other=0)
+                    ws = tl.load(b_ptr, mask=bmask, other=0) & wz
+                    valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
+                    neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
+                    acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
+
+    # ---- epilogue ----
+    mask = m_ok[:, None] & n_ok[None, :]
+    n64 = n_img.to(tl.int64)
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    y_off = (n64 * y_sn + oh64 * y_sh + ow64 * y_sw)[:, None] + (offs_n.to(tl.int64) * y_sc)[None, :]
+    if EPILOGUE == 0:
+        tl.store(y_ptr + y_off, acc, mask=mask)
+    else:
+        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        y = acc.to(scale.dtype) * scale[None, :]
+        if HAS_SHIFT:
+            y = y + tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y = _add_residual(y, r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C, n64, oh64, ow64, offs_n, mask, R1_MODE)
+        if HAS_BA:
+            y = y + tl.load(ba_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        if ACT == 1:
+            slope = tl.load(slope_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+            y = tl.where(y > 0, y, slope * y)
+        elif ACT == 2:
+            y = tl.where(y > 0, y, 0.0)
+        if HAS_BB:
+            y = y + tl.load(bb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y = _add_residual(y, r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C, n64, oh64, ow64, offs_n, mask, R2_MODE)
+        y_out = y.to(y_ptr.dtype.element_ty)
+        if STORE_Y:
+            tl.store(y_ptr + y_off, y_out, mask=mask)
+        if STORE_P:
+            # Next layer's LearnableBias + sign + pack of the value as stored (y_out),
+            # by exact comparison with -next_bias (see kernels/pack.py).
+            if HAS_NB:
+                t = tl.load(nb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+                neg = (y_out < t) & mask
+                nonzero = (y_out != t) & mask
+            else:
+                neg = (y_out < 0) & mask
+                nonzero = (y_out != 0) & mask
+            # BN is a multiple of 32 and the tile starts on a word: word j of the tile
+            # holds columns 32j..32j+31; distinct powers of two sum to their OR.
+            shift = (offs_n % 32)[None, :]
+            sign_w = tl.sum(tl.reshape(neg.to(tl.int32) << shift, (BM, BN // 32, 32)), axis=2)
+            nz_w = tl.sum(tl.reshape(nonzero.to(tl.int32) << shift, (BM, BN // 32, 32)), axis=2)
+            word = pid_n * (BN // 32) + tl.arange(0, BN // 32)
+            p_off = offs_m.to(tl.int64)[:, None] * (2 * PCW) + word[None, :]
+            pmask = m_ok[:, None] & (word < PCW)[None, :]
+            tl.store(p_ptr + p_off, sign_w, mask=pmask)
+            tl.store(p_ptr + p_off + PCW, nz_w, mask=pmask)
+
+
+# Under the interpreter the cost is per op and per program, not per element: big tiles.
+_INTERPRETER_CONFIG = dict(BM=128, BN=64, BK=128)
+
+
+def _cuda_configs(method: int) -> list:
+    if method == 0:
+        shapes = [(64, 64, 128, 4), (128, 64, 128, 4), (64, 128, 128, 4), (128, 128, 64, 8), (32, 64, 256, 4)]
+        return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=3) for m, n, k, w in shapes]
+    shapes = [(32, 64, 32, 4), (64, 64, 32, 4), (64, 32, 64, 4), (32, 32, 128, 4)]
+    return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=2) for m, n, k, w in shapes]
+
+
+_KEY = ["M", "COUT", "CW", "KH", "KW", "STRIDE", "EPILOGUE", "STORE_P"]
+_TUNED = {}
+
+
+def _launcher(method: int, block: tuple[int, int, int] | None):
+    """The kernel to launch: ``block`` if given, one fixed config under the interpreter, else autotuned."""
+    if block is not None:
+        return _binary_conv_kernel, dict(BM=block[0], BN=block[1], BK=block[2])
+    if interpreting():
+        return _binary_conv_kernel, _INTERPRETER_CONFIG
+    if method not in _TUNED:
+        _TUNED[method] = triton.autotune(configs=_cuda_configs(method), key=_KEY)(_binary_conv_kernel)
+    return _TUNED[method], {}
+
+
+_RES_CODE = {None: 0, "add": 1, "half_sum": 2, "avgpool": 3}
+_ACT_CODE = {None: 0, "prelu": 1, "relu": 2}
+
+
+def _residual_args(r: Residual | None, dummy: Tensor) -> tuple:
+    if r is None:
+        return (dummy, 0, 0, 0, 0, 1, 1, 1)
+    t = r.tensor
+    if interpreting() and t.dtype == torch.bfloat16:
+        t = t.float()  # exact; the interpreter has no bf16 arithmetic
+    return (t, *t.stride(), t.shape[2], t.shape[3], t.shape[1])
+
+
+def binary_conv2d(
+    x: PackedActivation,
+    weight: PackedWeight,
+    epilogue: Epilogue | None = None,
+    *,
+    method: str = "auto",
+    block: tuple[int, int, int] | None = None,
+) -> Tensor | ConvOutput:
+    """Packed binary convolution of ``x`` with ``weight`` (its stride and zero padding).
+
+    ``x``: :class:`PackedActivation` (N, Cin, H, W), batch x time folded into N.
+    ``weight``: :class:`PackedWeight` (Cout, Cin, KH, KW) on the same device.
+    Without ``epilogue``: the exact int32 accumulator (N, Cout, Ho, Wo) (channels-last
+    memory). With one: a :class:`ConvOutput` ``(y, packed)`` per :class:`Epilogue`.
+    ``method``: ``'dot'`` (int8 ``tl.dot``), ``'popcount'``, or ``'auto'`` (= ``'dot'``).
+    ``block``: optional tile sizes (BM pixels, BN output channels, BK input channels),
+    powers of two with BM, BN >= 16, BN and BK multiples of 32 (for tests and
+    benchmarks); by default one fixed tile under the interpreter, autotuned on CUDA.
+    Runs the Triton kernel on CUDA or under ``TRITON_INTERPRET=1``, else the reference.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if block is not None:
+        ok = (
+            isinstance(block, tuple) and len(block) == 3 and all(isinstance(b, int) and b > 0 for b in block)
+            and all(b & (b - 1) == 0 for b in block) and block[0] >= 16 and block[1] >= 32 and block[2] >= 32
+        )
+        if not ok:
+            raise ValueError(f"block must be (BM, BN, BK): powers of two, BM >= 16, BN >= 32, BK >= 32; got {block!r}")
+    n, _, h, w, ho, wo = _check_conv_args(x, weight)
+    cout = weight.out_channels
+    dev = x.device
+    p = _prepare(epilogue, n, cout, ho, wo, dev) if epilogue is not None else None
+    if not triton_can_run(x.bits) or (interpreting() and p is not None and p.out_dtype == torch.bfloat16):
+        # (Triton's interpreter has no bf16 arithmetic: it would compare raw bits.)
+        return binary_conv2d_reference(x, weight, epilogue)
+
+    code = 1 if method == "popcount" else 0
+    m = n * ho * wo
+    kh, kw = weight.kernel_size
+    packed = None
+    if p is None:
+        y = torch.empty((n, cout, ho, wo), dtype=torch.int32, device=dev, memory_format=torch.channels_last)
+        dummy = y
+        vectors = (dummy,) * 6
+        res1 = res2 = _residual_args(None, dummy)
+        flags = dict(EPILOGUE=0, HAS_SHIFT=False, R1_MODE=0, HAS_BA=False, ACT=0, HAS_BB=False, R2_MODE=0,
+                     STORE_Y=True, STORE_P=False, HAS_NB=False)
+        pbits, pcw = y, 1
+    else:
+        if p.out is not None:
+            y = p.out
+        elif p.store_float:
+            y = torch.empty((n, cout, ho, wo), dtype=p.out_dtype, device=dev, memory_format=torch.channels_last)
+        else:
+            y = torch.empty((1, 1, 1, 1), dtype=p.out_dtype, device=dev)  # carries the dtype only
+        dummy = p.scale
+        neg_next_bias = -p.next_bias if p.next_bias is not None else None  # the kernel compares with -bias
+        vectors = tuple(
+            v if v is not None else dummy for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b, neg_next_bias)
+        )
+        res1 = _residual_args(p.residual, dummy)
+        res2 = _residual_args(p.post_residual, dummy)
+        flags = dict(
+            EPILOGUE=1,
+            HAS_SHIFT=p.shift is not None,
+            R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
+            HAS_BA=p.bias_a is not None,
+            ACT=_ACT_CODE[p.act],
+            HAS_BB=p.bias_b is not None,
+            R2_MODE=_RES_CODE[p.post_residual.mode if p.post_residual else None],
+            STORE_Y=p.store_float,
+            STORE_P=p.pack,
+            HAS_NB=p.next_bias is not None,
+        )
+        pcw = words_for(cout)
+        if p.pack:
+            pbits = torch.empty((n, ho, wo, 2, pcw), dtype=torch.int32, device=dev)
+            packed = PackedActivation(pbits, cout)
+        else:
+            pbits = dummy
+    if m > 0:
+        kernel, config = _launcher(code, block)
+        w_arg = weight.int8 if code == 0 else weight.bits
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BN"]))
+
+        kernel[grid](
+            x.bits, w_arg, m, h, w, ho, wo, x.words, cout,
+            *vectors, *res1, *res2, y, *y.stride(), pbits, pcw,
+            KH=kh, KW=kw, STRIDE=weight.stride, PAD=weight.padding,
+            METHOD=code, HW_POPC=hardware_popcount(x.bits), **flags, **config,
+        )
+    if p is None:
+        return y
+    return ConvOutput(y if p.store_float else None, packed)

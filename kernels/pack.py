@@ -1,0 +1,282 @@
+"""LearnableBias + sign + bit-pack: float activations -> two bit planes, 32 channels a word.
+
+Bit layout (shared with :mod:`bimatting_triton.kernels.binary_conv`)
+--------------------------------------------------------------------
+A :class:`PackedActivation` of logical shape (N, C, H, W) holds ``bits``, an int32
+tensor of shape (N, H, W, 2, CW) with ``CW = ceil(C / 32)``, contiguous (NHWC: the
+words of one pixel are adjacent):
+
+* plane 0 (``SIGN``): bit ``c % 32`` of word ``c // 32`` is 1 where ``x + bias < 0``;
+* plane 1 (``NONZERO``): the same bit is 1 where ``x + bias != 0``.
+
+Bit 0 is the least significant bit; a word with bit 31 set is a negative int32.
+The value of channel ``c`` is ``nonzero - 2 * sign`` in {-1, 0, +1}, which is exactly
+``torch.sign(x + bias)``, including ``sign(0) == 0`` (SPEC §1). Invariant: the sign
+plane is a subset of the nonzero plane (the kernels also AND them, so a violating
+tensor still reads as 0 where ``nonzero`` is 0). Channels ``C <= c < 32 * CW`` have
+both bits 0 and so contribute 0 to any dot product; so do out-of-image taps, which
+the convolution loads as all-zero words. NaN packs as +1 (it is neither < 0 nor 0).
+
+Exactness of the fused bias: the kernel tests ``x < -bias`` and ``x != -bias``
+instead of rounding ``x + bias``. IEEE addition with gradual underflow never changes
+the sign of an exact sum and rounds to 0 only when the exact sum is 0, so
+``sign(fl(x + bias)) == sign(x + bias)`` and the comparison (done in the wider of the
+two dtypes, where negation and widening are exact) gives the same bits as the
+reference ``torch.sign(x + bias)`` for every float dtype, with no FTZ concern.
+
+Public functions: :func:`sign_pack` (Triton; falls back to the reference where Triton
+cannot run) and :func:`sign_pack_reference` (plain PyTorch), plus the torch helpers
+:func:`pack_values` / :func:`unpack_values` used by the references and weight packing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import interpreting, triton_can_run
+
+__all__ = [
+    "WORD_BITS",
+    "SIGN",
+    "NONZERO",
+    "words_for",
+    "PackedActivation",
+    "pack_values",
+    "unpack_values",
+    "sign_pack",
+    "sign_pack_reference",
+]
+
+WORD_BITS = 32
+SIGN = 0  # plane index of the sign bits (x + bias < 0)
+NONZERO = 1  # plane index of the nonzero bits (x + bias != 0)
+
+
+def words_for(channels: int) -> int:
+    """Number of 32-bit words holding ``channels`` channels: ``ceil(channels / 32)``."""
+    return (channels + WORD_BITS - 1) // WORD_BITS
+
+
+@dataclass(frozen=True)
+class PackedActivation:
+    """Sign-packed activations of logical shape (N, C, H, W); layout in the module docstring.
+
+    ``bits``: int32 (N, H, W, 2, ceil(C / 32)), contiguous. ``channels``: C.
+    """
+
+    bits: Tensor
+    channels: int
+
+    def __post_init__(self):
+        b = self.bits
+        if not isinstance(b, Tensor) or b.dtype != torch.int32 or b.dim() != 5 or b.shape[3] != 2:
+            raise ValueError(
+                "PackedActivation.bits must be an int32 tensor of shape (N, H, W, 2, CW), got "
+                f"{getattr(b, 'dtype', type(b))} {tuple(getattr(b, 'shape', ()))}"
+            )
+        if not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"PackedActivation.channels must be a positive int, got {self.channels!r}")
+        if b.shape[4] != words_for(self.channels):
+            raise ValueError(
+                f"PackedActivation.bits has {b.shape[4]} words per plane, expected "
+                f"ceil({self.channels} / 32) = {words_for(self.channels)}"
+            )
+        if not b.is_contiguous():
+            object.__setattr__(self, "bits", b.contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Logical (N, C, H, W)."""
+        n, h, w = self.bits.shape[:3]
+        return (n, self.channels, h, w)
+
+    @property
+    def words(self) -> int:
+        """Words per plane and pixel, ``ceil(C / 32)``."""
+        return self.bits.shape[4]
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def to(self, device) -> "PackedActivation":
+        return PackedActivation(self.bits.to(device), self.channels)
+
+    def unpack(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The values {-1, 0, +1} as a (N, C, H, W) tensor of ``dtype`` (contiguous NCHW)."""
+        return unpack_values(self.bits, self.channels, dtype).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Plain-PyTorch packing helpers (the specification of the layout)
+# ----------------------------------------------------------------------------------------
+def pack_values(values: Tensor) -> Tensor:
+    """Pack the signs of ``values`` (..., C) into bit planes (..., 2, ceil(C / 32)) int32.
+
+    Plane 0 marks ``values < 0``, plane 1 marks ``values != 0``; padding channels are 0.
+    Any real dtype; only the sign of each value matters (NaN counts as +1).
+    """
+    if values.dim() < 1:
+        raise ValueError("pack_values: values must have at least one dimension (channels last)")
+    c = values.shape[-1]
+    cw = words_for(c)
+    planes = torch.stack([values < 0, values != 0], dim=-2)  # (..., 2, C) bool
+    if cw * WORD_BITS != c:
+        planes = torch.cat([planes, planes.new_zeros(*planes.shape[:-1], cw * WORD_BITS - c)], dim=-1)
+    planes = planes.reshape(*planes.shape[:-1], cw, WORD_BITS).to(torch.int32)
+    shifts = torch.arange(WORD_BITS, device=values.device, dtype=torch.int32)
+    # Distinct powers of two: the int32 sum is the OR (1 << 31 is -2**31; no overflow).
+    return (planes << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def unpack_values(bits: Tensor, channels: int, dtype: torch.dtype = torch.int8) -> Tensor:
+    """Inverse of :func:`pack_values`: (..., 2, CW) int32 -> (..., channels) in {-1, 0, +1}.
+
+    A sign bit counts only where its nonzero bit is set (the kernels' reading).
+    """
+    if bits.dtype != torch.int32 or bits.dim() < 2 or bits.shape[-2] != 2:
+        raise ValueError(f"unpack_values: bits must be int32 (..., 2, CW), got {bits.dtype} {tuple(bits.shape)}")
+    if bits.shape[-1] != words_for(channels):
+        raise ValueError(f"unpack_values: {bits.shape[-1]} words cannot hold exactly {channels} channels")
+    shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
+    b = (bits.unsqueeze(-1) >> shifts) & 1  # arithmetic shift, then & 1: the bit itself
+    b = b.reshape(*bits.shape[:-1], -1)[..., :channels]
+    sign, nonzero = b[..., 0, :], b[..., 1, :]
+    return (nonzero - 2 * (sign & nonzero)).to(dtype)
+
+
+def _check_activation(x, name: str, layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D ({layout}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _as_nchw(x: Tensor, layout: str) -> Tensor:
+    if layout == "NCHW":
+        return x
+    if layout == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+
+
+def _channel_vector(v, channels: int, name: str, device: torch.device) -> Tensor:
+    """``v`` (any shape with ``channels`` elements, e.g. LearnableBias's (1, C, 1, 1)) -> (C,)."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    if v.numel() != channels:
+        raise ValueError(f"{name} must have {channels} elements (one per channel), got shape {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but the activations are on {device}")
+    return v.reshape(channels)
+
+
+def sign_pack_reference(x: Tensor, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
+    """Plain-PyTorch ``pack(torch.sign(x + bias))``: the model's LearnableBias + BinaryActivation.
+
+    ``x``: float (N, C, H, W) (``layout='NCHW'``) or (N, H, W, C) (``'NHWC'``), any strides.
+    ``bias``: ``C`` elements (e.g. ``LearnableBias.bias`` of shape (1, C, 1, 1)) or None.
+    """
+    _check_activation(x, "x", layout)
+    x = _as_nchw(x, layout)
+    c = x.shape[1]
+    if bias is not None:
+        x = x + _channel_vector(bias, c, "bias", x.device).reshape(1, c, 1, 1)
+    return PackedActivation(pack_values(torch.sign(x).permute(0, 2, 3, 1)), c)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _sign_pack_kernel(
+    x_ptr,  # float, logical (N, C, H, W) with strides (sn, sc, sh, sw)
+    nb_ptr,  # (C,) the negated bias (only read when HAS_BIAS)
+    out_ptr,  # int32 (N, H, W, 2, CW)
+    sn, sc, sh, sw,
+    P, C, H, W, CW,
+    HAS_BIAS: tl.constexpr,
+    BP: tl.constexpr,  # pixels per program
+    BW: tl.constexpr,  # words per program
+):
+    pid_p = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    p = pid_p * BP + tl.arange(0, BP)  # (BP,) pixel index n*H*W + h*W + w
+    p_ok = p < P
+    hw = H * W
+    n = p // hw
+    h = (p % hw) // W
+    w = p % W
+    base = n.to(tl.int64) * sn + h.to(tl.int64) * sh + w.to(tl.int64) * sw  # (BP,)
+
+    word = pid_w * BW + tl.arange(0, BW)  # (BW,)
+    bit = tl.arange(0, 32)  # (32,)
+    c = word[:, None] * 32 + bit[None, :]  # (BW, 32) channel index
+    c_ok = c < C
+    mask = p_ok[:, None, None] & c_ok[None, :, :]  # (BP, BW, 32)
+    x = tl.load(x_ptr + base[:, None, None] + c[None, :, :].to(tl.int64) * sc, mask=mask, other=0.0)
+    if HAS_BIAS:
+        # sign(x + b) from exact comparisons with -b (see the module docstring).
+        t = tl.load(nb_ptr + c, mask=c_ok, other=0.0)[None, :, :]
+        neg = (x < t) & mask
+        nonzero = (x != t) & mask
+    else:
+        neg = (x < 0) & mask
+        nonzero = (x != 0) & mask
+    # The shifted bits are distinct powers of two, so their int32 sum is their OR
+    # (1 << 31 is -2**31 and no partial sum overflows); tl.sum is vectorised by the
+    # interpreter, where a custom tl.reduce combine runs element by element.
+    shift = bit[None, None, :]
+    sign_word = tl.sum(neg.to(tl.int32) << shift, axis=2)  # (BP, BW)
+    nz_word = tl.sum(nonzero.to(tl.int32) << shift, axis=2)
+
+    out = out_ptr + p.to(tl.int64)[:, None] * (2 * CW) + word[None, :]
+    smask = p_ok[:, None] & (word < CW)[None, :]
+    tl.store(out, sign_word, mask=smask)
+    tl.store(out + CW, nz_word, mask=smask)
+
+
+def sign_pack(x: Tensor, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
+    """Fused LearnableBias + sign + bit-pack: ``pack(torch.sign(x + bias))``, exactly.
+
+    ``x``: float (N, C, H, W) for ``layout='NCHW'`` or (N, H, W, C) for ``'NHWC'``; any
+    float dtype and any strides (no copy is made). ``bias``: ``C`` elements or None.
+    Returns a :class:`PackedActivation` (bits (N, H, W, 2, ceil(C/32)) int32). Runs the
+    Triton kernel on CUDA or under ``TRITON_INTERPRET=1``, else :func:`sign_pack_reference`.
+    """
+    _check_activation(x, "x", layout)
+    if not triton_can_run(x):
+        return sign_pack_reference(x, bias, layout)
+    x = _as_nchw(x, layout)
+    n, c, h, w = x.shape
+    if c == 0:
+        raise ValueError("x must have at least one channel")
+    if interpreting() and x.dtype == torch.bfloat16:
+        x = x.float()  # the interpreter compares bf16 as raw integers; widening is exact
+    if bias is not None:
+        bias = _channel_vector(bias, c, "bias", x.device)
+        nb_dtype = torch.promote_types(x.dtype, bias.dtype)
+        if interpreting() and nb_dtype == torch.bfloat16:
+            nb_dtype = torch.float32
+        nb = -bias.to(nb_dtype).contiguous()
+    else:
+        nb = x.new_zeros(1)  # never read
+    cw = words_for(c)
+    out = torch.empty((n, h, w, 2, cw), dtype=torch.int32, device=x.device)
+    p = n * h * w
+    if p == 0:
+        return PackedActivation(out, c)
+    bp, bw = (64, 2) if interpreting() else (64, 1)
+    grid = (triton.cdiv(p, bp), triton.cdiv(cw, bw))
+    _sign_pack_kernel[grid](
+        x, nb, out, *x.stride(), p, c, h, w, cw, HAS_BIAS=bias is not None, BP=bp, BW=bw
+    )
+    return PackedActivation(out, c)

@@ -1,0 +1,350 @@
+"""Packed binary convolution (kernels/binary_conv.py) against its plain-PyTorch reference.
+
+* Integer accumulators: exact equality with the reference (float64 ``F.conv2d`` of the
+  unpacked {-1, 0, +1} values, exact for integer sums), for both inner loops.
+* The reference itself against ``bimatting_triton.nn`` (LearnableBias -> sign ->
+  BiConv2d -> BatchNorm -> residual -> LearnableBias -> PReLU -> LearnableBias).
+* Fused epilogue: float outputs within a rounding bound derived below; packed outputs
+  exactly equal to ``sign_pack_reference`` of the kernel's own float output.
+
+Tiles are forced small (``block``) so that a few programs cover several pixel
+blocks, channel blocks and input-channel steps with masked tails.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bimatting_triton.kernels.binary_conv import (
+    Epilogue,
+    PackedWeight,
+    Residual,
+    binary_conv2d,
+    binary_conv2d_reference,
+    fold_scale_shift,
+    pack_conv,
+    pack_weight,
+)
+from bimatting_triton.kernels.pack import sign_pack, sign_pack_reference
+from bimatting_triton.nn import BiConv2d, LearnableBias, binarize_weight
+
+# With BIMATTING_TEST_CUDA=1 (tests/conftest.py) the kernels run compiled on the GPU.
+DEVICE = torch.device("cuda" if os.environ.get("BIMATTING_TEST_CUDA") and torch.cuda.is_available() else "cpu")
+BLOCK = (32, 32, 64)  # BM pixels, BN output channels, BK input channels (2 words a step)
+METHODS = ["dot", "popcount"]
+
+
+def _activations(n, c, h, w, kind="zeros"):
+    x = torch.randn(n, c, h, w)
+    if kind == "zeros":
+        x[x.abs() < 0.4] = 0  # about a third of the inputs have sign 0
+    elif kind == "negative":
+        x = -x.abs() - 0.1  # every sign word is all ones (-1), bit 31 included
+    return x.to(DEVICE)
+
+
+def _weights(cout, cin, k):
+    w = torch.randn(cout, cin, k, k)
+    w[1] = 0.25  # degenerate channel: w_c == 0 everywhere -> sign 0, alpha 0
+    if cout > 2:  # a channel whose centred weights are exactly 0 at a third of the taps
+        numel, third = cin * k * k, cin * k * k // 3
+        v = torch.zeros(numel)
+        v[:third], v[third : 2 * third] = 1.0, -1.0  # sums to 0 exactly
+        w[2] = (v[torch.randperm(numel)] + 0.5).reshape(cin, k, k)  # mean exactly 0.5, w_c = v
+    return w.to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3])
+def test_pack_weight_equals_binarize_weight(k):
+    w = _weights(40, 70, k).cpu()
+    pw = pack_weight(w)
+    vals = pw.values(torch.float32)
+    # Same ops as nn.binarize_weight, so equal bit for bit (alpha * sign(w_c)).
+    assert torch.equal(pw.alpha.reshape(-1, 1, 1, 1) * vals, binarize_weight(w))
+    assert (vals[1] == 0).all() and pw.alpha[1] == 0
+    w_c = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    assert (w_c[2] == 0).any() and torch.equal(vals, torch.sign(w_c))
+    # int8 copy used by the 'dot' path: same values, padding rows zero
+    i8 = pw.int8  # (k, k, 96, 40)
+    assert i8.shape == (k, k, 96, 40)
+    assert torch.equal(i8[:, :, :70].permute(3, 2, 0, 1).float(), vals)
+    assert (i8[:, :, 70:] == 0).all()
+    assert pw.padding == k // 2 and pw.stride == 1
+
+
+def test_pack_conv_takes_geometry_from_module():
+    conv = BiConv2d(20, 8, 3, stride=2)
+    pw = pack_conv(conv)
+    assert (pw.stride, pw.padding, pw.kernel_size, pw.in_channels, pw.out_channels) == (2, 1, (3, 3), 20, 8)
+    with pytest.raises(ValueError, match="groups=1"):
+        pack_conv(torch.nn.Conv2d(4, 4, 3, groups=2))
+
+
+# ----------------------------------------------------------------------------------------
+# integer accumulators
+# ----------------------------------------------------------------------------------------
+CASES = [
+    # (k, stride, N (batch x time), Cin, Cout, H, W, input kind)
+    (3, 1, 3, 70, 40, 5, 7, "zeros"),  # Cin not a multiple of 32, odd H/W, N > 1
+    (3, 2, 2, 70, 40, 7, 9, "zeros"),  # stride 2 with odd sizes
+    (3, 1, 1, 32, 64, 3, 2, "negative"),  # all-ones sign words; most taps padded
+    (1, 1, 2, 33, 40, 4, 5, "zeros"),
+    (1, 2, 2, 5, 16, 5, 3, "zeros"),  # one partial word, Cout < BN
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASES, ids=[f"k{c[0]}s{c[1]}n{c[2]}c{c[3]}o{c[4]}" for c in CASES])
+def test_accumulator_exact(case, method):
+    k, s, n, cin, cout, h, w, kind = case
+    x = _activations(n, cin, h, w, kind)
+    bias = torch.randn(cin, device=DEVICE) * 0.5
+    bias[::2] = 0
+    pa = sign_pack(x, bias)
+    pw = pack_weight(_weights(cout, cin, k), stride=s)
+    got = binary_conv2d(pa, pw, method=method, block=BLOCK)
+    ref = binary_conv2d_reference(pa, pw)
+    assert got.dtype == torch.int32 and ref.dtype == torch.int32
+    assert got.shape == (n, cout, (h - 1) // s + 1, (w - 1) // s + 1)
+    assert torch.equal(got, ref)
+    # The reference is the model's integer math: conv of sign(x + b) with sign(w_c).
+    a = torch.sign(x + bias.reshape(1, -1, 1, 1)).double()
+    wv = pw.values(torch.float64)
+    assert torch.equal(ref, F.conv2d(a, wv, stride=s, padding=k // 2).round().to(torch.int32))
+
+
+def test_accumulator_default_tiles_and_noncontiguous_source():
+    # Default interpreter tile (one program), packed from a non-contiguous NHWC view.
+    x = _activations(2, 96, 6, 5).permute(0, 2, 3, 1)[:, :, :, ::2]  # (2, 6, 5, 48) view
+    pa = sign_pack(x, layout="NHWC")
+    pw = pack_weight(_weights(24, 48, 3))
+    assert torch.equal(binary_conv2d(pa, pw), binary_conv2d_reference(pa, pw))
+
+
+# ----------------------------------------------------------------------------------------
+# the reference against the plain-PyTorch modules
+# ----------------------------------------------------------------------------------------
+def test_reference_matches_nn_modules():
+    torch.set_default_dtype(torch.float64)
+    try:
+        cin, cout = 37, 24
+        lb11, lb12, lb13, lb_next = (LearnableBias(c) for c in (cin, cout, cout, cout))
+        conv = BiConv2d(cin, cout, 3, stride=2, bias=True)
+        bn = torch.nn.BatchNorm2d(cout).eval()
+        prelu = torch.nn.PReLU(cout)
+        with torch.no_grad():
+            for m in (lb11, lb12, lb13, lb_next):
+                m.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.normal_()
+            bn.bias.normal_()
+            prelu.weight.uniform_(-0.5, 0.5)
+        x = _activations(2, cin, 7, 9).double().cpu()
+        x[:, :, 2] = -lb11.bias.reshape(1, cin, 1)  # exact zeros after the bias
+        shortcut = torch.randn(2, cout, 7, 9)
+        with torch.no_grad():
+            want = lb13(prelu(lb12(bn(conv(torch.sign(lb11(x)))) + F.avg_pool2d(shortcut, 2, 2, ceil_mode=True))))
+        pw = pack_conv(conv)
+        scale, shift = fold_scale_shift(pw.alpha, bn, conv.bias)
+        epi = Epilogue(scale, shift, Residual(shortcut, "avgpool"), lb12.bias, "prelu", prelu.weight, lb13.bias,
+                       pack=True, next_bias=lb_next.bias)
+        got = binary_conv2d_reference(sign_pack_reference(x, lb11.bias), pw, epi)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    # float64: the two differ only in rounding (folded BN, reassociated sums): ~1e-15.
+    torch.testing.assert_close(got.y, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got.packed.unpack(torch.float64), torch.sign(lb_next(got.y)))
+
+
+def test_fold_scale_shift_matches_batchnorm():
+    bn = torch.nn.BatchNorm2d(6).eval().double()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.1, 3)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    alpha, bias = torch.rand(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    acc = torch.randint(-50, 50, (2, 6, 3, 3)).double()
+    scale, shift = fold_scale_shift(alpha, bn, bias)
+    want = bn(acc * alpha.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1))
+    torch.testing.assert_close(acc * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1), want,
+                               rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# fused epilogue
+# ----------------------------------------------------------------------------------------
+def _pooled_abs(r: Residual, cout: int) -> torch.Tensor:
+    t = r.tensor.double().abs()
+    if r.mode == "add":
+        return t.repeat(1, cout // t.shape[1], 1, 1)
+    if r.mode == "half_sum":
+        return (t[:, :cout] + t[:, cout:]) / 2
+    return F.avg_pool2d(t, 2, 2, ceil_mode=True)
+
+
+def _rounding_bound(acc, epi: Epilogue, y_ref) -> torch.Tensor:
+    """Elementwise bound on |kernel - reference| for the float epilogue.
+
+    Both compute the same <= 16 roundings in ``scale.dtype`` (mul, adds, the 4-term pool
+    and its division, the PReLU product). Each rounding errs by at most eps/2 times an
+    intermediate, and every intermediate is at most ``mag`` = the sum of the absolute
+    values of all terms (|PReLU slope| <= 1 in these tests). So each result is within
+    16 * eps/2 * mag of the exact value and the two within 16 * eps * mag; the cast to
+    ``out_dtype`` adds one ulp of the output (rounding may go opposite ways). In
+    practice the interpreter and PyTorch round identically (the difference is 0); on GPU
+    FMA contraction may move a result by an ulp.
+    """
+    cout = acc.shape[1]
+    col = lambda v: v.double().abs().reshape(1, cout, 1, 1)  # noqa: E731
+    mag = acc.double().abs() * col(epi.scale)
+    for v in (epi.shift, epi.bias_a, epi.bias_b):
+        if v is not None:
+            mag = mag + col(v)
+    for r in (epi.residual, epi.post_residual):
+        if r is not None:
+            mag = mag + _pooled_abs(r if isinstance(r, Residual) else Residual(r), cout)
+    if epi.prelu_weight is not None:
+        assert epi.prelu_weight.abs().max() <= 1
+    out_dtype = epi.out_dtype or (epi.out.dtype if epi.out is not None else epi.scale.dtype)
+    eps_c, eps_o = torch.finfo(epi.scale.dtype).eps, torch.finfo(out_dtype).eps
+    return 16 * eps_c * mag + eps_o * y_ref.double().abs()
+
+
+EPILOGUE_CASES = {
+    # name: (k, stride, residual mode + channels, act, compute dtype, out dtype, method, post residual, next bias)
+    "3x3-add-prelu-f32-dot": (3, 1, ("add", 40), "prelu", torch.float32, None, "dot", True, True),
+    "3x3s2-avgpool-prelu-f32-popcount": (3, 2, ("avgpool", 40), "prelu", torch.float32, None, "popcount", False, True),
+    "1x1-halfsum-relu-f64-dot": (1, 1, ("half_sum", 80), "relu", torch.float64, None, "dot", False, False),
+    "1x1-add-stacked-none-f32-popcount": (1, 1, ("add", 20), None, torch.float32, None, "popcount", True, True),
+    "3x3-none-prelu-f32-to-f16-dot": (3, 1, None, "prelu", torch.float32, torch.float16, "dot", False, True),
+}
+
+
+@pytest.mark.parametrize("name", list(EPILOGUE_CASES))
+def test_fused_epilogue(name):
+    k, s, res, act, cd, out_dtype, method, post, next_bias = EPILOGUE_CASES[name]
+    n, cin, cout, h, w = 2, 70, 40, 5, 7
+    pa = sign_pack(_activations(n, cin, h, w))
+    pw = pack_weight(_weights(cout, cin, k), stride=s)
+    ho, wo = pw.output_size(h, w)
+    residual = None
+    if res is not None:
+        mode, rc = res
+        rh, rw = (h, w) if mode == "avgpool" else (ho, wo)
+        # a non-contiguous residual: a strided channel slice of a bigger tensor
+        residual = Residual(torch.randn(n, 2 * rc, rh, rw, dtype=cd, device=DEVICE)[:, ::2], mode)
+    kw = dict(dtype=cd, device=DEVICE)
+    epi = Epilogue(
+        scale=(torch.rand(cout, **kw) + 0.5) * pw.alpha.to(cd).clamp_min(0.1),
+        shift=torch.randn(cout, **kw),
+        residual=residual,
+        bias_a=torch.randn(cout, **kw),
+        act=act,
+        prelu_weight=(torch.rand(cout, **kw) * 2 - 1) if act == "prelu" else None,
+        bias_b=torch.randn(1, cout, 1, 1, **kw),
+        post_residual=torch.randn(n, cout, ho, wo, **kw) if post else None,
+        out_dtype=out_dtype,
+        pack=True,
+        next_bias=torch.randn(cout, **kw) if next_bias else None,
+    )
+    got = binary_conv2d(pa, pw, epi, method=method, block=BLOCK)
+    ref = binary_conv2d_reference(pa, pw, epi)
+    assert got.y.dtype == ref.y.dtype == (out_dtype or cd) and got.y.shape == (n, cout, ho, wo)
+    acc = binary_conv2d_reference(pa, pw)
+    bound = _rounding_bound(acc, epi, ref.y)
+    diff = (got.y.double() - ref.y.double()).abs()
+    assert (diff <= bound).all(), f"max excess {(diff - bound).max().item()}"
+    # The packed output is exactly sign(y_out + next_bias) of the kernel's own output.
+    assert torch.equal(got.packed.bits, sign_pack_reference(got.y, epi.next_bias).bits)
+    # Packing alone (no float store) gives the same bits.
+    epi.store_float = False
+    only = binary_conv2d(pa, pw, epi, method=method, block=BLOCK)
+    assert only.y is None and torch.equal(only.packed.bits, got.packed.bits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_epilogue_keeps_exact_zeros(method):
+    # y_out == -next_bias exactly must pack as sign 0. With scale 0 on channels < 20 the
+    # output there is exactly `shift`, and next_bias = -shift; a ReLU gives exact zeros too.
+    n, cin, cout = 2, 40, 40
+    pa = sign_pack(_activations(n, cin, 4, 5))
+    pw = pack_weight(_weights(cout, cin, 3))
+    scale = torch.rand(cout, device=DEVICE) + 0.1
+    scale[:20] = 0
+    shift = torch.randn(cout, device=DEVICE)
+    next_bias = -shift
+    next_bias[20:] = torch.randn(20, device=DEVICE)
+    got = binary_conv2d(pa, pw, Epilogue(scale, shift, pack=True, next_bias=next_bias), method=method, block=BLOCK)
+    vals = got.packed.unpack()
+    assert (vals[:, :20] == 0).all() and (vals[:, 20:] != 0).all()
+    assert torch.equal(got.packed.bits, sign_pack_reference(got.y, next_bias).bits)
+    relu = binary_conv2d(pa, pw, Epilogue(scale, shift, act="relu", pack=True), method=method, block=BLOCK)
+    zeros = relu.y == 0
+    assert zeros.any() and torch.equal(relu.packed.unpack() == 0, zeros)
+    assert torch.equal(relu.packed.bits, sign_pack_reference(relu.y).bits)  # no stray sign bits
+
+
+def test_epilogue_writes_into_a_channel_slice():
+    # Output into channels 8..47 of a 64-channel NCHW buffer (e.g. a concat); the rest untouched.
+    n, cin, cout = 2, 40, 40
+    pa = sign_pack(_activations(n, cin, 3, 5))
+    pw = pack_weight(_weights(cout, cin, 1))
+    buf = torch.full((n, 64, 3, 5), float("nan"), device=DEVICE)
+    epi = Epilogue(scale=torch.rand(cout, device=DEVICE), shift=torch.randn(cout, device=DEVICE), act="relu",
+                   out=buf[:, 8:48])
+    got = binary_conv2d(pa, pw, epi, block=BLOCK)
+    ref = binary_conv2d_reference(pa, pw, Epilogue(scale=epi.scale, shift=epi.shift, act="relu"))
+    assert got.y.data_ptr() == buf[:, 8:48].data_ptr() and got.packed is None
+    diff = (buf[:, 8:48] - ref.y).abs()
+    assert (diff <= 4 * torch.finfo(torch.float32).eps * ref.y.abs()).all()
+    assert buf[:, :8].isnan().all() and buf[:, 48:].isnan().all()
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the fallback is for devices where Triton cannot run")
+def test_fallback_without_triton(monkeypatch):
+    pa = sign_pack(_activations(1, 20, 3, 3))
+    pw = pack_weight(_weights(8, 20, 3))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert torch.equal(binary_conv2d(pa, pw), binary_conv2d_reference(pa, pw))
+
+
+def test_bad_arguments():
+    pa = sign_pack(torch.randn(1, 20, 4, 4))
+    pw = pack_weight(torch.randn(8, 20, 3, 3))
+    scale = torch.ones(8)
+    with pytest.raises(TypeError, match="x must be a PackedActivation"):
+        binary_conv2d(torch.randn(1, 20, 4, 4), pw)
+    with pytest.raises(TypeError, match="weight must be a PackedWeight"):
+        binary_conv2d(pa, torch.randn(8, 20, 3, 3))
+    with pytest.raises(ValueError, match="x has 20 channels but weight expects 21"):
+        binary_conv2d(pa, pack_weight(torch.randn(8, 21, 3, 3)))
+    with pytest.raises(ValueError, match="method must be one of"):
+        binary_conv2d(pa, pw, method="xnor")
+    with pytest.raises(ValueError, match="block must be"):
+        binary_conv2d(pa, pw, block=(32, 24, 64))
+    with pytest.raises(ValueError, match="epilogue.residual \\(add\\) must have shape"):
+        binary_conv2d(pa, pw, Epilogue(scale, residual=torch.randn(1, 8, 2, 2)))
+    with pytest.raises(ValueError, match="epilogue.residual \\(avgpool\\) must have shape"):
+        binary_conv2d(pa, pw, Epilogue(scale, residual=Residual(torch.randn(1, 8, 4, 4), "avgpool")))
+    with pytest.raises(ValueError, match="epilogue.residual.mode"):
+        binary_conv2d(pa, pw, Epilogue(scale, residual=Residual(torch.randn(1, 8, 4, 4), "max")))
+    with pytest.raises(ValueError, match="epilogue.shift must have 8 elements"):
+        binary_conv2d(pa, pw, Epilogue(scale, shift=torch.zeros(7)))
+    with pytest.raises(ValueError, match="prelu_weight must be given exactly when"):
+        binary_conv2d(pa, pw, Epilogue(scale, act="prelu"))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        binary_conv2d(pa, pw, Epilogue(scale.half()))
+    with pytest.raises(ValueError, match="store the float output, pack it, or both"):
+        binary_conv2d(pa, pw, Epilogue(scale, store_float=False))
+    with pytest.raises(ValueError, match="epilogue.out must be a float tensor of shape"):
+        binary_conv2d(pa, pw, Epilogue(scale, out=torch.empty(1, 8, 3, 3)))
+    with pytest.raises(ValueError, match="too small"):
+        binary_conv2d(sign_pack(torch.randn(1, 20, 1, 1)), pack_weight(torch.randn(8, 20, 3, 3), padding=0))
+    with pytest.raises(ValueError, match="PackedWeight.bits must be an int32"):
+        PackedWeight(torch.zeros(3, 3, 2, 1, 8), torch.ones(8), 20)

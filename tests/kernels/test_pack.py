@@ -1,0 +1,153 @@
+"""Sign + bit-pack kernel (kernels/pack.py) against its plain-PyTorch reference.
+
+All comparisons are exact: packing is integer/bit work, and the sign of ``x + bias``
+does not depend on rounding (see the kernel's docstring), so the Triton kernel, the
+reference and ``torch.sign(x + bias)`` must agree bit for bit, including adversarial
+values (zeros, ``x == -bias`` exactly, its float neighbours, -0.0, subnormals).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from bimatting_triton.kernels.pack import (
+    NONZERO,
+    SIGN,
+    PackedActivation,
+    pack_values,
+    sign_pack,
+    sign_pack_reference,
+    unpack_values,
+    words_for,
+)
+
+# With BIMATTING_TEST_CUDA=1 (tests/conftest.py) the kernels run compiled on the GPU.
+DEVICE = torch.device("cuda" if os.environ.get("BIMATTING_TEST_CUDA") and torch.cuda.is_available() else "cpu")
+
+
+def _adversarial(n, c, h, w, bias, dtype):
+    """Random activations with exact zeros of ``x + bias`` and values one ulp around them."""
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(dtype)
+    x[x.abs() < 0.2] = 0  # zeros of x itself (sign 0 where bias is 0)
+    if bias is not None:
+        b = bias.reshape(1, c, 1, 1).to(dtype).expand(n, c, h, w)
+        pick = torch.rand(n, c, h, w) < 0.25
+        x[pick] = -b[pick]  # x + bias == 0 exactly
+        up = torch.nextafter(-b, torch.full_like(b, math.inf))
+        down = torch.nextafter(-b, torch.full_like(b, -math.inf))
+        pick2 = (torch.rand(n, c, h, w) < 0.1) & ~pick
+        pick3 = (torch.rand(n, c, h, w) < 0.1) & ~pick & ~pick2
+        x[pick2] = up[pick2]
+        x[pick3] = down[pick3]
+    # -0.0 and the smallest subnormals of this dtype
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    flat = x.view(-1)
+    flat[0::7] = -0.0
+    flat[3::11] = tiny
+    flat[5::13] = -tiny
+    return x.to(DEVICE)
+
+
+def test_pack_values_layout_and_roundtrip():
+    # Layout: channel c -> bit c % 32 of word c // 32; plane 0 = (v < 0), plane 1 = (v != 0).
+    v = torch.zeros(2, 70, dtype=torch.int8)
+    v[0, 37] = -1  # word 1, bit 5
+    v[1, 31] = 1  # word 0, bit 31 (the int32 sign bit)
+    bits = pack_values(v)
+    assert bits.shape == (2, 2, 3) and bits.dtype == torch.int32
+    assert bits[0, SIGN].tolist() == [0, 1 << 5, 0]
+    assert bits[0, NONZERO].tolist() == [0, 1 << 5, 0]
+    assert bits[1, SIGN].tolist() == [0, 0, 0]
+    assert bits[1, NONZERO].tolist() == [-(2**31), 0, 0]
+    for c in (1, 31, 32, 33, 70):
+        vals = torch.randint(-1, 2, (3, 4, c), dtype=torch.int8)
+        packed = pack_values(vals)
+        assert packed.shape == (3, 4, 2, words_for(c))
+        assert torch.equal(unpack_values(packed, c), vals)
+        # padding channels carry no bits in either plane
+        pad = (packed.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+        assert pad.reshape(3, 4, 2, -1)[..., c:].sum() == 0
+
+
+def test_unpack_ignores_sign_without_nonzero():
+    bits = torch.zeros(1, 2, 1, dtype=torch.int32)
+    bits[0, SIGN, 0] = 0b11
+    bits[0, NONZERO, 0] = 0b10
+    assert unpack_values(bits, 3).tolist() == [[0, -1, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c", [5, 32, 70])
+def test_sign_pack_matches_reference(c, dtype):
+    bias = torch.randn(c, dtype=torch.float64).to(dtype)
+    bias[::3] = 0  # channels where the zeros of x stay zeros
+    x = _adversarial(2, c, 5, 7, bias, dtype)
+    bias = bias.to(DEVICE)
+    got = sign_pack(x, bias.reshape(1, c, 1, 1))
+    ref = sign_pack_reference(x, bias.reshape(1, c, 1, 1))
+    assert got.shape == (2, c, 5, 7)
+    assert torch.equal(got.bits, ref.bits)
+    # The reference is the model's math: torch.sign(x + bias), sign(0) == 0.
+    expect = torch.sign(x + bias.reshape(1, c, 1, 1)).to(torch.float32)
+    assert torch.equal(ref.unpack(), expect)
+    assert (expect == 0).any() and (expect == 1).any() and (expect == -1).any()
+    # and without a bias
+    assert torch.equal(sign_pack(x).bits, sign_pack_reference(x).bits)
+
+
+def test_sign_pack_layouts_and_strides():
+    c = 45
+    base = torch.randn(3, 2 * c, 7, 6, device=DEVICE)
+    base[base.abs() < 0.3] = 0
+    bias = torch.randn(c, device=DEVICE)
+    bias[0] = 0
+    x = base[:, ::2, :, 1:]  # non-contiguous view (N, C, H, W) = (3, 45, 7, 5)
+    ref = sign_pack_reference(x.contiguous(), bias)
+    variants = {
+        "strided view": (x, "NCHW"),
+        "channels_last": (x.contiguous(memory_format=torch.channels_last), "NCHW"),
+        "NHWC tensor": (x.permute(0, 2, 3, 1).contiguous(), "NHWC"),
+        "NHWC view": (x.permute(0, 2, 3, 1), "NHWC"),
+    }
+    for name, (t, layout) in variants.items():
+        assert torch.equal(sign_pack(t, bias, layout=layout).bits, ref.bits), name
+        assert torch.equal(sign_pack_reference(t, bias, layout=layout).bits, ref.bits), name
+
+
+def test_sign_pack_mixed_dtypes_are_exact():
+    # float16 activations with a float32 bias: torch promotes to float32 before adding.
+    c = 33
+    bias = torch.randn(c)
+    x = _adversarial(1, c, 3, 4, bias.to(torch.float16).to(torch.float32), torch.float16)
+    bias = bias.to(DEVICE)
+    assert torch.equal(sign_pack(x, bias).bits, sign_pack_reference(x, bias).bits)
+    # float64 activations with a float32 bias
+    x64 = _adversarial(1, c, 3, 4, bias.double().cpu(), torch.float64)
+    assert torch.equal(sign_pack(x64, bias).bits, sign_pack_reference(x64, bias).bits)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the fallback is for devices where Triton cannot run")
+def test_sign_pack_fallback_without_triton(monkeypatch):
+    # On a CPU tensor without the interpreter the reference runs instead.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 40, 2, 3)
+    assert torch.equal(sign_pack(x).bits, sign_pack_reference(x).bits)
+
+
+def test_sign_pack_bad_arguments():
+    x = torch.randn(1, 8, 2, 2)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        sign_pack(torch.randn(8, 2, 2))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        sign_pack(torch.ones(1, 8, 2, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        sign_pack([1.0, 2.0])
+    with pytest.raises(ValueError, match="bias must have 8 elements"):
+        sign_pack(x, torch.zeros(7))
+    with pytest.raises(ValueError, match="layout must be"):
+        sign_pack(x, layout="CHW")
+    with pytest.raises(ValueError, match="bits must be an int32"):
+        PackedActivation(torch.zeros(1, 2, 2, 2, 1), 8)
+    with pytest.raises(ValueError, match="words per plane"):
+        PackedActivation(torch.zeros(1, 2, 2, 2, 2, dtype=torch.int32), 8)
