@@ -22,7 +22,9 @@ eval-mode semantics). What is replaced:
   applies the second one's LearnableBias + sign + pack and stores no float.
 * A ``BasicBlock`` outside a ``BinaryBackbone`` -> :class:`FusedBasicBlock`.
 
-Any ``BiConv2d`` left unconverted is an error. ``backend='auto'`` runs the Triton
+A ``BiConv2d`` outside these structures (e.g. in a model brought in with
+``swap_modules``) becomes a ``PackedBiConv2d`` (:mod:`bimatting_triton.fuse_generic`).
+``backend='auto'`` runs the Triton
 kernels where they can run (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and their
 plain-PyTorch references elsewhere; ``backend='reference'`` always runs the references
 (same packed weights and folded epilogues, float64 integer convolution).
@@ -189,10 +191,8 @@ class FusedSequential(nn.Module):
         i = 0
         while i < len(mods):
             if not _is_unit_start(mods, i):
-                if isinstance(mods[i], BiConv2d):
-                    raise ValueError(
-                        f"cannot fuse BiConv2d at index {i}: it is not preceded by LearnableBias -> BinaryActivation"
-                    )
+                # A BiConv2d that does not start a unit stays here; convert() then gives it
+                # the generic packed path (fuse_generic.PackedBiConv2d).
                 ops.append(mods[i])
                 i += 1
                 continue
@@ -308,7 +308,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     arguments and outputs are unchanged; see the module docstring for what is fused.
     ``backend``: ``'auto'`` (Triton kernels where they can run, else the references)
     or ``'reference'`` (always the plain-PyTorch references).
-    Raises ``ValueError`` if a ``BiConv2d`` cannot be fused, naming it.
+    Raises ``ValueError`` naming a binary unit that looks fusable but is malformed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -340,7 +340,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
         if new is not None:
             _replace(fused, name, new.eval())
             done.append(name)
-    left = [name for name, m in fused.named_modules() if isinstance(m, BiConv2d)]
-    if left:
-        raise ValueError(f"convert: cannot fuse BiConv2d modules {left} (not in a recognised binary unit)")
+    from .fuse_generic import PackedBiConv2d, replace_remaining_binary_convs  # imports this module
+
+    if isinstance(fused, BiConv2d):
+        return PackedBiConv2d(fused, backend).eval()
+    replace_remaining_binary_convs(fused, backend)  # convs outside known units (swapped models)
     return fused

@@ -95,9 +95,15 @@ def test_convert_structure(model, fused):
     assert isinstance(ops[0], BinaryConvUnit) and isinstance(ops[1], BinaryConvUnit)
 
 
-def test_convert_rejects_unfusable_binary_conv():
-    lonely = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), BiConv2d(8, 8, 3))
-    with pytest.raises(ValueError, match="cannot fuse BiConv2d"):
-        convert(torch.nn.ModuleDict({"head": lonely}))
+def test_convert_gives_lone_binary_convs_the_generic_packed_path():
+    from bimatting_triton.fuse_generic import PackedBiConv2d
+
+    lonely = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), BinaryActivation(), BiConv2d(8, 8, 3))
+    fused = convert(torch.nn.ModuleDict({"head": lonely}))
+    assert not any(isinstance(m, BiConv2d) for m in fused.modules())
+    assert isinstance(fused["head"].ops[2], PackedBiConv2d)
+    x = torch.randn(2, 3, 7, 9)
+    with torch.no_grad():
+        assert torch.allclose(fused["head"](x), lonely(x), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="backend must be one of"):
         convert(torch.nn.Sequential(LearnableBias(4), BinaryActivation(), BiConv2d(4, 4, 1)), backend="cuda")

@@ -184,3 +184,39 @@ def test_bimatting_is_a_drop_in_for_rvm_calls():
         fgr2, pha2, *rec2 = model(src, *rec, 0.5)
         seg = model(src, segmentation_pass=True)[0]
     assert fgr2.shape == src.shape and pha2.shape == (1, 2, 1, 32, 32) and seg.shape == (1, 2, 1, 32, 32)
+
+
+def test_convert_after_swap_gives_the_fused_model():
+    """Issue 10 item 3: swapped code converts like our own BiMatting (same outputs).
+
+    Tolerance: the fused path folds alpha and BatchNorm into one scale/shift per channel,
+    which rounds differently from the float-simulated path by a few float32 ulps.
+    """
+    from bimatting_triton import convert
+    from bimatting_triton.fuse import BinaryConvUnit
+
+    model = swap_modules(randomised(TinyRVMStyle())).model.eval()
+    fused = convert(model)
+    assert not any(isinstance(m, BiConv2d) for m in fused.modules())
+    assert sum(isinstance(m, BinaryConvUnit) for m in fused.modules()) == 2
+    x = torch.rand(2, 3, 9, 11)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), rtol=0, atol=ATOL)
+
+
+def test_convert_after_binarize():
+    from bimatting_triton import convert
+    from bimatting_triton.fuse_generic import PackedBiConv2d
+
+    model = randomised(TinyFloatRVM())
+    binarize_(model)
+    model.eval()
+    # backbone.2 is depthwise (groups=8): the packed kernel has no groups, so it stays in plain
+    # PyTorch with a warning; backbone.3 is a plain 1x1 binary conv on the packed path.
+    with pytest.warns(UserWarning, match=r"\['backbone.ops.2'\] are grouped"):
+        fused = convert(model)
+    assert isinstance(fused.backbone.ops[3], PackedBiConv2d)
+    assert isinstance(fused.backbone.ops[2], SignInputBiConv2d)
+    x = torch.rand(2, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), rtol=0, atol=ATOL)
