@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); attribute None means the module itself
 _LAZY = {
     "metrics": ("metrics", None),
+    "convert_video": ("video", "convert_video"),
     "evaluate_model": ("evaluate", "evaluate_model"),
     "evaluate_folders": ("evaluate", "evaluate"),
 }

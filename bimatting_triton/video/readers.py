@@ -1,0 +1,260 @@
+"""Frame sources for :func:`convert_video`: a video file, a folder of images, one image.
+
+Every source is opened (and checked) in the constructor and yields
+``(image, pts)`` pairs when iterated: ``image`` a (H, W, 3) ``uint8`` RGB array,
+``pts`` an ``int`` timestamp in units of the source's ``time_base``. Iteration may
+run on another thread than the constructor (``convert_video`` decodes on a reader
+thread), but never on two threads at once. Everything is decoded with PyAV; no
+other image library is needed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from fractions import Fraction
+from typing import Iterator
+
+import av
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VideoReader",
+    "ImageSequenceReader",
+    "open_source",
+    "read_image",
+]
+
+#: File name endings read as still images (a single image input, or the frames of a folder).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: Frame rate given to image-sequence sources unless told otherwise (RVM's choice).
+DEFAULT_IMAGE_FRAME_RATE = Fraction(30)
+
+Frame = tuple[np.ndarray, int]
+
+
+def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+    """A decoded frame as a (H, W, 3) uint8 RGB array, resized to ``size = (w, h)`` if given."""
+    if size is not None:
+        frame = frame.reformat(width=size[0], height=size[1], interpolation="BILINEAR")
+    return frame.to_ndarray(format="rgb24")
+
+
+def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode one still image file into a (H, W, 3) uint8 RGB array (alpha dropped).
+
+    ``size``: optional ``(width, height)`` to resize to. Raises ``FileNotFoundError``
+    when the file is missing and ``ValueError`` when FFmpeg cannot decode it.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {path!r} does not exist")
+    try:
+        with av.open(path) as container:
+            for frame in container.decode(video=0):
+                return _rgb(frame, size)
+    except (av.FFmpegError, IndexError) as e:
+        raise ValueError(f"{path!r} is not a readable image: {e}") from e
+    raise ValueError(f"{path!r} is not a readable image: it holds no picture")
+
+
+def _seconds(value, time_base) -> float | None:
+    return None if value is None or time_base is None else float(value * time_base)
+
+
+def _tag_seconds(tag: str | None) -> float | None:
+    """Parse a Matroska ``DURATION`` tag (``HH:MM:SS.fffffffff``) into seconds."""
+    if not tag:
+        return None
+    m = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", tag.strip())
+    if not m:
+        return None
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+
+
+class VideoReader:
+    """Decode a video file's first video stream, frame by frame, with PyAV.
+
+    Attributes, known once constructed:
+      ``path``; ``width``, ``height`` (after ``size``); ``frame_rate`` (``Fraction``,
+      the stream's average rate, exact: 30000/1001 stays 30000/1001); ``time_base``
+      (``Fraction``, the unit of the yielded ``pts``); ``num_frames`` (``int`` or
+      ``None`` when the container does not say); ``estimated_frames`` (``num_frames``,
+      or else duration x frame rate, or ``None``: for progress bars); ``has_audio``.
+
+    ``size``: optional ``(width, height)`` to resize every frame to (swscale bilinear).
+    ``threads``: FFmpeg decoding threads, 0 for FFmpeg's choice.
+
+    Iterating yields ``(image, pts)`` with ``image`` (H, W, 3) uint8 RGB. Timestamps
+    are the decoder's (missing ones are filled in at the frame period) and strictly
+    increasing. A file that fails to decode part way, or stops well before the
+    duration its header announces, raises ``ValueError`` ("corrupt or truncated").
+    The container is closed when iteration ends or by :meth:`close`.
+    """
+
+    def __init__(self, path: str, size: tuple[int, int] | None = None, threads: int = 0):
+        self.path = path
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input_source {path!r} does not exist")
+        if os.path.isdir(path):
+            raise ValueError(f"input_source {path!r} is a folder, not a video file")
+        try:
+            self._container = av.open(path)
+        except av.FFmpegError as e:
+            raise ValueError(
+                f"input_source {path!r} is not a readable video (corrupt, truncated or not a "
+                f"video): {e}") from e
+        try:
+            if not self._container.streams.video:
+                raise ValueError(f"input_source {path!r} has no video stream")
+            stream = self._container.streams.video[0]
+            if not stream.width or not stream.height:
+                raise ValueError(f"input_source {path!r}: its video stream has no frame size")
+            stream.thread_type = "AUTO"
+            if threads:
+                stream.thread_count = threads
+            self._stream = stream
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if not rate or rate <= 0:
+                rate = Fraction(30)
+            self.frame_rate = Fraction(rate)
+            self.time_base = Fraction(stream.time_base) if stream.time_base else 1 / self.frame_rate
+            self.size = size
+            self.width, self.height = size if size is not None else (stream.width, stream.height)
+            self.num_frames = stream.frames or None
+            self.has_audio = bool(self._container.streams.audio)
+            self._expected_seconds = self._announced_seconds()
+            self.estimated_frames = self.num_frames or (
+                round(self._expected_seconds * self.frame_rate) if self._expected_seconds else None)
+        except BaseException:
+            self._container.close()
+            raise
+
+    def _announced_seconds(self) -> float | None:
+        """How long the header says the video stream lasts, or ``None`` if it does not say."""
+        stream = self._stream
+        seconds = _seconds(stream.duration, stream.time_base)
+        if seconds is None:
+            seconds = _tag_seconds(stream.metadata.get("DURATION"))
+        if seconds is None and len(self._container.streams) == 1 and self._container.duration:
+            seconds = self._container.duration / 1e6
+        return seconds
+
+    def __len__(self) -> int:
+        if self.num_frames is None:
+            raise TypeError("this video's frame count is unknown")
+        return self.num_frames
+
+    def __iter__(self) -> Iterator[Frame]:
+        period = max(1, round(1 / (self.frame_rate * self.time_base)))  # one frame, in time_base units
+        first = last = None
+        count = 0
+        try:
+            try:
+                for frame in self._container.decode(self._stream):
+                    pts = frame.pts
+                    if pts is None:
+                        pts = 0 if last is None else last + period
+                    elif last is not None and pts <= last:
+                        pts = last + 1  # keep timestamps strictly increasing for the muxer
+                    first = pts if first is None else first
+                    last = pts
+                    count += 1
+                    yield _rgb(frame, self.size), pts
+            except av.FFmpegError as e:
+                raise ValueError(
+                    f"input_source {self.path!r} is corrupt or truncated: decoding failed after "
+                    f"{count} frames: {e}") from e
+            self._check_complete(count, first, last, period)
+        finally:
+            self.close()
+
+    def _check_complete(self, count, first, last, period) -> None:
+        if count == 0:
+            raise ValueError(f"input_source {self.path!r} has no frames")
+        if self._expected_seconds is None:
+            return
+        start = _seconds(self._stream.start_time, self.time_base) or 0.0
+        start = min(start, float(first * self.time_base))
+        decoded = float((last + period) * self.time_base) - start
+        # Allow two frame periods of slack (rounding of durations, a last frame shown
+        # longer): a truncated file falls short by far more.
+        slack = 2 / float(self.frame_rate) + 0.05
+        if decoded < self._expected_seconds - slack:
+            raise ValueError(
+                f"input_source {self.path!r} is truncated or corrupt: its frames end at "
+                f"{decoded:.3f} s but its header announces {self._expected_seconds:.3f} s")
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def _natural_key(name: str):
+    """Sort key that orders ``frame2.png`` before ``frame10.png``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+class ImageSequenceReader:
+    """Still images read as frames: every image file of a folder (natural name order), or one image.
+
+    Attributes as :class:`VideoReader`: ``width``, ``height``, ``frame_rate``
+    (``frame_rate`` argument, default 30 as RVM), ``time_base = 1 / frame_rate``,
+    ``num_frames``, ``has_audio = False``. ``pts`` is the frame index. All images must
+    have the size of the first one (unless ``size = (width, height)`` resizes them).
+    """
+
+    def __init__(self, path: str, size: tuple[int, int] | None = None,
+                 frame_rate: Fraction | float | None = None):
+        self.path = path
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input_source {path!r} does not exist")
+        if os.path.isdir(path):
+            names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
+                            and not n.startswith(".")), key=_natural_key)
+            if not names:
+                raise ValueError(f"input_source {path!r} is a folder without image files "
+                                 f"({', '.join(IMAGE_EXTENSIONS)}): no frames")
+            self.files = [os.path.join(path, n) for n in names]
+        else:
+            self.files = [path]
+        self.frame_rate = Fraction(frame_rate).limit_denominator(1_000_000) if frame_rate \
+            else DEFAULT_IMAGE_FRAME_RATE
+        self.time_base = 1 / self.frame_rate
+        self.size = size
+        first = read_image(self.files[0], size)
+        self.height, self.width = first.shape[:2]
+        self.num_frames = self.estimated_frames = len(self.files)
+        self.has_audio = False
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __iter__(self) -> Iterator[Frame]:
+        for index, file in enumerate(self.files):
+            image = read_image(file, self.size)
+            if image.shape[:2] != (self.height, self.width):
+                raise ValueError(
+                    f"input_source {self.path!r}: image {file!r} is {image.shape[1]}x{image.shape[0]}"
+                    f" but the first image is {self.width}x{self.height}; pass input_resize to "
+                    f"resize them all")
+            yield image, index
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(path: str, size: tuple[int, int] | None = None, threads: int = 0,
+                frame_rate: Fraction | float | None = None):
+    """Open ``path`` as a frame source: a folder or an image file becomes an
+    :class:`ImageSequenceReader`, anything else a :class:`VideoReader`.
+
+    ``frame_rate`` applies to image inputs only (a video keeps its own rate).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"input_source must be a path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input_source {path!r} does not exist")
+    if os.path.isdir(path) or path.lower().endswith(IMAGE_EXTENSIONS):
+        return ImageSequenceReader(path, size, frame_rate)
+    return VideoReader(path, size, threads)

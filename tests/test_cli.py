@@ -1,0 +1,212 @@
+"""The ``bimatting`` command: help, flags reaching convert_video, the random-weights
+warning, checkpoints, --fused, errors and Ctrl-C exit codes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import bimatting_triton
+from bimatting_triton import BiMatting, cli
+from bimatting_triton.video import convert_video
+
+from video_utils import FakeMatting, decode, make_video, read_png
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_video(str(tmp_path_factory.mktemp("cli") / "in.mp4"), 3, 40, 24, rate=25)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace the model loading and convert_video by recorders; returns the records."""
+    calls = {}
+
+    def fake_load(checkpoint, refiner, device, dtype, fused):
+        calls["load"] = dict(checkpoint=checkpoint, refiner=refiner, device=device, dtype=dtype, fused=fused)
+        return "model"
+
+    def fake_convert(model, input_source, **kwargs):
+        calls["convert"] = dict(model=model, input_source=input_source, **kwargs)
+        return 5
+
+    monkeypatch.setattr(cli, "load_model", fake_load)
+    monkeypatch.setattr("bimatting_triton.video.convert_video", fake_convert)
+    return calls
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: bimatting")
+    for flag in ("--composition", "--alpha", "--foreground", "--checkpoint", "--device", "--dtype",
+                 "--downsample-ratio", "--seq-chunk", "--output-type", "--background-color",
+                 "--background-image", "--mbps", "--no-progress", "--fused", "examples:"):
+        assert flag in text
+    assert "(default: None)" not in text
+
+
+def test_python_m_runs_the_cli():
+    run = subprocess.run([sys.executable, "-m", "bimatting_triton", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: bimatting")
+
+
+def test_flags_reach_convert_video(recorded, tmp_path, capsys):
+    code = cli.main(["in.mp4", "-o", "out.webm", "--alpha", "a.mov", "--checkpoint", "ck.pth",
+                     "--device", "cpu", "--dtype", "float16", "--downsample-ratio", "0.4",
+                     "--seq-chunk", "6", "--background-color", "#0a14fa", "--mbps", "2.5",
+                     "--input-resize", "64", "48", "--no-progress", "--no-audio",
+                     "--refiner", "fast_guided_filter", "--threads", "3"])
+    assert code == 0
+    assert recorded["load"] == dict(checkpoint="ck.pth", refiner="fast_guided_filter",
+                                    device=torch.device("cpu"), dtype=torch.float16, fused=False)
+    c = recorded["convert"]
+    assert (c["model"], c["input_source"], c["output_composition"], c["output_alpha"]) == \
+        ("model", "in.mp4", "out.webm", "a.mov")
+    assert c["output_foreground"] is None and c["output_type"] == "video"
+    assert (c["downsample_ratio"], c["seq_chunk"], c["output_video_mbps"]) == (0.4, 6, 2.5)
+    assert c["background"] == (10, 20, 250) and c["input_resize"] == (64, 48)
+    assert (c["progress"], c["audio"], c["num_workers"], c["dtype"]) == (False, False, 3, torch.float16)
+    err = capsys.readouterr().err
+    assert "RANDOM" not in err and "wrote 5 frames" in err
+
+
+def test_defaults_and_inferred_output_type(recorded):
+    assert cli.main(["frames", "-o", "cutout", "--alpha", "matte/", "--background-image", "bg.jpg",
+                     "--frame-rate", "30000/1001"]) == 0
+    c = recorded["convert"]
+    assert c["output_type"] == "png_sequence" and c["background"] == "bg.jpg"
+    assert c["frame_rate"] == Fraction(30000, 1001)
+    assert c["downsample_ratio"] is None and c["seq_chunk"] == 1 and c["progress"]
+    assert recorded["load"]["device"].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert recorded["load"]["dtype"] == torch.float32 and recorded["load"]["checkpoint"] is None
+    assert cli.main(["photo.jpg", "-o", "cut.png"]) == 0
+    assert recorded["convert"]["output_type"] == "png_sequence"
+    assert cli.main(["in.mp4", "-o", "out.mp4", "--output-type", "video"]) == 0
+    assert recorded["convert"]["output_type"] == "video"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["in.mp4"], "at least one output"),
+    (["in.mp4", "-o", "o.mp4", "--background-color", "1,2"], "R,G,B"),
+    (["in.mp4", "-o", "o.mp4", "--background-color", "0,0,256"], "R,G,B"),
+    (["in.mp4", "-o", "o.mp4", "--background-color", "1,2,3", "--background-image", "x.png"],
+     "not allowed with"),
+    (["in.mp4", "-o", "o.mp4", "--downsample-ratio", "2"], "(0, 1]"),
+    (["in.mp4", "-o", "o.mp4", "--seq-chunk", "0"], "positive integer"),
+    (["in.mp4", "-o", "o.mp4", "--mbps", "fast"], "positive number"),
+    (["in.mp4", "-o", "o.mp4", "--dtype", "int8"], "invalid choice"),
+    (["in.mp4", "-o", "o.mp4", "--output-type", "gif"], "invalid choice"),
+])
+def test_bad_arguments(recorded, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert "convert" not in recorded
+
+
+def test_random_weights_warning_and_real_run(clip, tmp_path, capsys):
+    """No checkpoint: the real network runs with random weights, and says so loudly."""
+    out = tmp_path / "pha"
+    code = cli.main([clip, "--alpha", str(out), "--device", "cpu", "--no-progress",
+                     "--downsample-ratio", "0.5", "--seq-chunk", "3"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "RANDOM weights" in err and "meaningless" in err
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png"]
+
+
+def test_checkpoint_is_loaded(clip, tmp_path, capsys):
+    torch.manual_seed(3)
+    model = BiMatting().eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pth")
+    code = cli.main([clip, "--alpha", str(tmp_path / "cli"), "--checkpoint", str(tmp_path / "ck.pth"),
+                     "--device", "cpu", "--seq-chunk", "3", "--downsample-ratio", "0.5", "--no-progress"])
+    assert code == 0 and "RANDOM" not in capsys.readouterr().err
+    convert_video(model, clip, output_type="png_sequence", output_alpha=str(tmp_path / "direct"),
+                  seq_chunk=3, downsample_ratio=0.5, progress=False)
+    for i in range(3):
+        np.testing.assert_array_equal(read_png(tmp_path / "cli" / f"{i:04d}.png", "gray"),
+                                      read_png(tmp_path / "direct" / f"{i:04d}.png", "gray"))
+
+
+def test_run_errors_are_reported_not_raised(clip, tmp_path, capsys):
+    assert cli.main([str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--device", "cpu",
+                     "--checkpoint", str(tmp_path / "missing.pth")]) == 1
+    assert "--checkpoint" in capsys.readouterr().err
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    assert cli.main([clip, "-o", str(tmp_path / "o.mp4"), "--device", "cpu",
+                     "--checkpoint", str(tmp_path / "bad.pth")]) == 1
+    assert "bad.pth" in capsys.readouterr().err
+    assert cli.main([str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--device", "cpu",
+                     "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "bimatting: error: input_source" in err and "does not exist" in err
+    assert "Traceback" not in err
+    assert cli.main([clip, "-o", clip, "--device", "cpu"]) == 1
+    assert "input file itself" in capsys.readouterr().err
+    assert cli.main([clip, "-o", "x.mp4", "--device", "nonsense"]) == 2
+    assert "--device" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.pth"]
+
+
+def test_fused(monkeypatch, clip, tmp_path, capsys):
+    monkeypatch.delattr(bimatting_triton, "convert", raising=False)
+    assert cli.main([clip, "-o", str(tmp_path / "o.mp4"), "--device", "cpu", "--fused"]) == 2
+    assert "--fused needs bimatting_triton.convert" in capsys.readouterr().err
+    seen = []
+
+    def fake_convert(model):
+        seen.append(type(model).__name__)
+        return FakeMatting()
+
+    monkeypatch.setattr(bimatting_triton, "convert", fake_convert, raising=False)
+    out = tmp_path / "pha.mkv"
+    assert cli.main([clip, "--alpha", str(out), "--device", "cpu", "--fused", "--no-progress"]) == 0
+    assert seen == ["BiMatting"]
+    frames, _ = decode(str(out), "gray")
+    src, _ = decode(clip)   # the fake model's alpha is the mean of RGB: it was the one used
+    want = torch.from_numpy(src).float().div(255).mean(-1).mul(255).round().numpy()
+    assert np.abs(frames.astype(float) - want).mean() < 3
+
+
+def test_ctrl_c_exit_code_and_no_file(monkeypatch, clip, tmp_path, capsys):
+    monkeypatch.setattr(cli, "load_model", lambda *a: FakeMatting(fail_at=1))
+    code = cli.main([clip, "-o", str(tmp_path / "o.mp4"), "--seq-chunk", "1", "--no-progress"])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_real_signal_leaves_no_file(tmp_path, sig):
+    """A real Ctrl-C (SIGINT) or kill (SIGTERM) mid-run: exit 130, nothing left behind."""
+    clip = make_video(str(tmp_path / "in.mp4"), 400, 32, 24, rate=25)
+    proc = subprocess.Popen([sys.executable, "-m", "bimatting_triton", clip, "-o", str(tmp_path / "o.mp4"),
+                             "--alpha", str(tmp_path / "a.mov"), "--device", "cpu", "--no-progress",
+                             "--seq-chunk", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(name.endswith(".part") for name in os.listdir(tmp_path)):   # started
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert os.listdir(tmp_path) == ["in.mp4"]
