@@ -30,6 +30,7 @@ from bimatting_triton.profile import densities_from_mask, level_sizes, profile
 
 PAPER_OPS_RATIO = 12.4
 PAPER_STORAGE_RATIO = 21.6
+GOAL_STORAGE_RATIO = 25.0  # SPEC §4
 DEFAULT_SIZES = ((288, 512, 1.0), (1080, 1920, 0.25))  # (H, W, downsample_ratio), RVM's settings
 MIB_BITS = 8 * 2**20
 
@@ -159,6 +160,61 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def packed_storage(model: BiMatting | None = None, seed: int = 0) -> dict:
+    """Measured file sizes: RVM's fp32 checkpoint vs BiMatting's packed one, in bytes on disk.
+
+    RVM: ``torch.save(RVMMobileNetV3().state_dict(), f)``. BiMatting:
+    ``bimatting_triton.packed.save_packed(model)`` (exact: outputs equal ``convert(model)``'s).
+    Without ``model``, a fresh BiMatting whose every float entry is perturbed by seeded
+    noise: a fresh init has all-zero biases and constant slopes that the packed format
+    stores as one value each, which a trained checkpoint does not have (the size
+    depends only on which values are constant or float16-exact, not on the rest).
+    """
+    from bimatting_triton.packed import save_packed
+
+    if model is None:
+        model = BiMatting().eval()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if t.is_floating_point():
+                    noise = torch.randn(t.shape, generator=gen)
+                    t.mul_(torch.exp(0.1 * noise)) if name.endswith("running_var") else t.add_(0.01 * noise)
+    with tempfile.TemporaryDirectory() as tmp:
+        rvm_path, packed_path = os.path.join(tmp, "rvm.pth"), os.path.join(tmp, "bimatting.packed")
+        with open(rvm_path, "wb") as f:  # a file object: the zip records' prefix is 'archive', as save_packed's
+            torch.save(RVMMobileNetV3().state_dict(), f)
+        rvm_bytes = os.path.getsize(rvm_path)
+        packed_bytes = save_packed(model, packed_path)
+        obj = torch.load(packed_path, weights_only=True)
+    sign_bytes = obj["signs"].numel()
+    float_bytes = sum(v.numel() * v.element_size() for k, v in obj.items() if k.startswith("pool."))
+    return {
+        "rvm_fp32_bytes": rvm_bytes,
+        "bimatting_packed_bytes": packed_bytes,
+        "ratio": rvm_bytes / packed_bytes,
+        "sign_bytes": sign_bytes,
+        "float_bytes": float_bytes,
+        "container_bytes": packed_bytes - sign_bytes - float_bytes,
+        "ratio_sign_bits_only": rvm_bytes / sign_bytes,
+        "bytes_for_goal": rvm_bytes / GOAL_STORAGE_RATIO,
+    }
+
+
+def format_packed(p: dict) -> str:
+    mib = 2**20
+    return "\n".join([
+        "packed checkpoint (measured files, bytes on disk; bimatting_triton.packed, outputs exactly equal):",
+        f"  RVM fp32 state_dict {p['rvm_fp32_bytes']} B ({p['rvm_fp32_bytes'] / mib:.3f} MiB); BiMatting packed "
+        f"{p['bimatting_packed_bytes']} B ({p['bimatting_packed_bytes'] / mib:.3f} MiB) -> {p['ratio']:.2f}x smaller "
+        f"(paper {PAPER_STORAGE_RATIO}x, goal {GOAL_STORAGE_RATIO:g}x)",
+        f"  = sign bits {p['sign_bytes']} B + float entries {p['float_bytes']} B + container {p['container_bytes']} B;"
+        f" the sign bits alone would be {p['ratio_sign_bits_only']:.2f}x",
+        f"  {GOAL_STORAGE_RATIO:g}x needs <= {p['bytes_for_goal']:.0f} B, i.e. <= "
+        f"{p['bytes_for_goal'] - p['sign_bytes'] - p['container_bytes']:.0f} B for the float entries",
+    ])  # fmt: skip
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".complexity-", suffix=".json", dir=folder)
@@ -194,12 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
             print()
         print(format_summary(res["summary"]))
         print()
+    out["packed"] = packed_storage()
+    print(format_packed(out["packed"]))
     if args.json:
         data = [
             {"rvm": r["rvm"].to_dict(), "bimatting": r["bimatting"].to_dict(), "summary": r["summary"]}
             for r in out["results"]
         ]
-        write_json_atomic(args.json, {"torch": torch.__version__, "results": data})
+        write_json_atomic(args.json, {"torch": torch.__version__, "results": data, "packed": out["packed"]})
     return out
 
 

@@ -36,11 +36,21 @@ Fused epilogue (:class:`Epilogue`), all per output channel ``o``, in the dtype o
     y = acc * scale[o] (+ shift[o])          # alpha, conv bias and eval BatchNorm folded
     y = y + residual                         # Residual: 'add' | 'half_sum' | 'avgpool'
     y = y + bias_a[o]                        # LearnableBias
-    y = prelu(y, slope[o]) or relu(y)        # act
+    y = act(y)                               # prelu(y, slope[o]) | relu | sigmoid | tanh
     y = y + bias_b[o]                        # LearnableBias
     y = y + post_residual                    # e.g. the dense shortcut across blocks
-    y_out = y cast to out_dtype               # stored if store_float
+    y_out = y cast to out_dtype
+    y_out = y_out * mask + addend            # if mask: the decoder's `branch3x3 * m + branch1x1`,
+                                             # in out_dtype (mask (N, 1, Ho, Wo), addend optional)
+    stored if store_float
     packed = pack(sign(y_out + next_bias))   # if pack: the next binary layer's input
+
+``sigmoid`` is ``1 / (1 + e)`` (y >= 0) or ``e / (1 + e)`` with ``e = exp(-|y|)``, and
+``tanh`` is ``sign(y) (1 - e) / (1 + e)`` with ``e = exp(-2|y|)`` (no overflow; no
+libdevice, which the interpreter lacks): within a few ulps (absolute) of
+``torch.sigmoid`` / ``torch.tanh``, which the reference uses. The mask stage may read
+``addend`` from ``out`` itself (read-modify-write: every element is read and written by
+the same program; the autotuner restores ``out`` between its trial runs).
 
 Residual modes (all fused, nothing to precompute): ``'add'`` reads a (N, Cr, Ho, Wo)
 tensor at channel ``o % Cr`` (Cr == Cout, or Cr dividing Cout for the stacked branches
@@ -50,7 +60,7 @@ Wr) and adds ``AvgPool2d(2, 2, ceil_mode=True)(r)`` (divisor = the in-image coun
 as PyTorch's with zero padding), for the stride-2 shortcut. Float tensors are logical
 NCHW with any strides; outputs are allocated channels-last (NHWC in memory) unless an
 ``out`` tensor (any strides, e.g. a channel slice of a concat buffer) is given. ``out``
-must not overlap any input (on CUDA the autotuner may run the kernel more than once).
+must not overlap any input other than ``addend`` (which may be ``out`` itself).
 
 Batch and time are folded into N by the caller. Public: :func:`pack_weight`,
 :func:`pack_conv`, :func:`fold_scale_shift`, :class:`Epilogue`, :class:`Residual`,
@@ -85,7 +95,7 @@ __all__ = [
 
 METHODS = ("auto", "dot", "popcount")
 RESIDUAL_MODES = ("add", "half_sum", "avgpool")
-ACTIVATIONS = (None, "prelu", "relu")
+ACTIVATIONS = (None, "prelu", "relu", "sigmoid", "tanh")
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,7 +275,9 @@ class Epilogue:
     :class:`Residual` or a plain tensor (mode ``'add'``). ``out``: optional float output
     (N, Cout, Ho, Wo), any strides; else one is allocated (channels-last) of
     ``out_dtype`` (default the compute dtype). ``pack``: also return
-    ``pack(sign(y_out + next_bias))``.
+    ``pack(sign(y_out + next_bias))``. ``mask``: (N, 1, Ho, Wo) float, any strides: the
+    output becomes ``y_out * mask + addend`` (``addend``: (N, Cout, Ho, Wo) float, any
+    strides, may be ``out`` itself; None adds nothing), computed in ``out_dtype``.
     """
 
     scale: Tensor
@@ -281,6 +293,8 @@ class Epilogue:
     out_dtype: torch.dtype | None = None
     pack: bool = False
     next_bias: Tensor | None = None
+    mask: Tensor | None = None
+    addend: Tensor | None = None
 
 
 class ConvOutput(NamedTuple):
@@ -307,6 +321,8 @@ class _Prepared:
     out_dtype: torch.dtype
     pack: bool
     next_bias: Tensor | None
+    mask: Tensor | None = None
+    addend: Tensor | None = None
 
 
 def _vector(v, cout: int, name: str, dtype: torch.dtype, device, allow_scalar: bool = False) -> Tensor | None:
@@ -384,6 +400,13 @@ def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Pre
             raise ValueError(f"epilogue.out has dtype {out.dtype} but out_dtype is {out_dtype}")
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"epilogue.out_dtype must be a float dtype, got {out_dtype}")
+    mask = addend = None
+    if epi.mask is not None:
+        mask = _float_map(epi.mask, "mask", (n, 1, ho, wo), device)
+        if epi.addend is not None:
+            addend = _float_map(epi.addend, "addend", (n, cout, ho, wo), device)
+    elif epi.addend is not None:
+        raise ValueError("epilogue.addend is only used with a mask (y * mask + addend)")
     nb = None
     if epi.next_bias is not None:
         nb = _vector(epi.next_bias, cout, "next_bias", torch.promote_types(out_dtype, epi.next_bias.dtype), device)
@@ -401,7 +424,21 @@ def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Pre
         out_dtype=out_dtype,
         pack=epi.pack,
         next_bias=nb,
+        mask=mask,
+        addend=addend,
     )
+
+
+def _float_map(t, name: str, shape: tuple[int, int, int, int], device) -> Tensor:
+    """Check a float (N, C, Ho, Wo) tensor of the epilogue (any strides)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+        raise ValueError(
+            f"epilogue.{name} must be a float tensor of shape {shape}, got "
+            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+        )
+    if t.device != device:
+        raise ValueError(f"epilogue.{name} is on {t.device}, expected {device}")
+    return t
 
 
 def _check_conv_args(x, weight) -> tuple[int, int, int, int, int, int]:
@@ -449,11 +486,19 @@ def _epilogue_reference(acc: Tensor, p: _Prepared) -> ConvOutput:
         y = F.prelu(y, p.slope)
     elif p.act == "relu":
         y = torch.relu(y)
+    elif p.act == "sigmoid":
+        y = torch.sigmoid(y)
+    elif p.act == "tanh":
+        y = torch.tanh(y)
     if p.bias_b is not None:
         y = y + col(p.bias_b)
     if p.post_residual is not None:
         y = y + _residual_reference(p.post_residual, cout, y.dtype)
     y = y.to(p.out_dtype)
+    if p.mask is not None:
+        y = y * p.mask.to(p.out_dtype)
+        if p.addend is not None:
+            y = y + p.addend.to(p.out_dtype)
     packed = sign_pack_reference(y, p.next_bias) if p.pack else None
     if p.out is not None:
         p.out.copy_(y)
@@ -512,35 +557,17 @@ def _add_residual(y, r_ptr, sn, sc, sh, sw, RH, RW, RC, n_img, oh, ow, offs_n, m
 
 
 @triton.jit
-def _binary_conv_kernel(
-    x_ptr,  # int32 (N, H, W, 2, CW) packed activations
-    w_ptr,  # METHOD 0: int8 (KH, KW, 32*CW, COUT); METHOD 1: int32 (KH, KW, 2, CW, COUT)
-    M, H, W, HO, WO, CW, COUT,
-    scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr, nb_ptr,  # (COUT,) epilogue vectors
-    r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,  # residual
-    r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,  # post residual
-    y_ptr, y_sn, y_sc, y_sh, y_sw,  # output: int32 acc (EPILOGUE 0) or float y, logical NCHW
-    p_ptr, PCW,  # packed output int32 (N, HO, WO, 2, PCW)
+def conv_accumulate(
+    x_ptr, w_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    METHOD: tl.constexpr, HW_POPC: tl.constexpr,
-    EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, R1_MODE: tl.constexpr, HAS_BA: tl.constexpr,
-    ACT: tl.constexpr, HAS_BB: tl.constexpr, R2_MODE: tl.constexpr,
-    STORE_Y: tl.constexpr, STORE_P: tl.constexpr, HAS_NB: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # BK: input channels per step, a multiple of 32
+    METHOD: tl.constexpr, HW_POPC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    # Implicit GEMM: rows = output pixels m = (n*HO + oh)*WO + ow, columns = output
-    # channels, reduction over (kh, kw, input channel).
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_ok = offs_m < M
-    n_ok = offs_n < COUT
-    n_img = offs_m // (HO * WO)
-    oh = (offs_m % (HO * WO)) // WO
-    ow = offs_m % WO
-    cin_pad = CW * 32
+    """Exact int32 accumulator (BM, BN) of output pixels (n_img, oh, ow) (BM,) x channels offs_n (BN,).
 
+    ``n_img`` may be a scalar (one image per tile). Rows with ``m_ok`` False and columns
+    with ``n_ok`` False are 0. Weights as :func:`binary_conv2d` passes them (``METHOD``).
+    """
+    cin_pad = CW * 32
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -583,6 +610,128 @@ def _binary_conv_kernel(
                     valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
                     neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
                     acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
+    return acc
+
+
+@triton.jit
+def apply_activation(y, slope_ptr, offs_n, n_ok, ACT: tl.constexpr):
+    """ACT 0 none, 1 PReLU (per-channel slope), 2 ReLU, 3 sigmoid, 4 tanh (module docstring)."""
+    if ACT == 1:
+        slope = tl.load(slope_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        y = tl.where(y > 0, y, slope * y)
+    elif ACT == 2:
+        y = tl.where(y > 0, y, 0.0)
+    elif ACT == 3:
+        # e = exp(-|y|) in (0, 1]: no overflow; sigmoid(-|y|) = e / (1 + e).
+        e = tl.exp(-tl.abs(y))
+        y = tl.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    elif ACT == 4:
+        # tanh(|y|) = (1 - e) / (1 + e), e = exp(-2|y|) in (0, 1]: no overflow; odd symmetry.
+        e = tl.exp(-2.0 * tl.abs(y))
+        t = (1.0 - e) / (1.0 + e)
+        y = tl.where(y < 0, -t, t)
+    return y
+
+
+@triton.jit
+def epilogue_values(
+    acc, offs_n, n_ok, mask, n64, oh64, ow64,
+    scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr,
+    r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,
+    r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,
+    HAS_SHIFT: tl.constexpr, R1_MODE: tl.constexpr, HAS_BA: tl.constexpr, ACT: tl.constexpr,
+    HAS_BB: tl.constexpr, R2_MODE: tl.constexpr,
+):
+    """The float epilogue of the module docstring up to the cast: int32 tile -> y (BM, BN).
+
+    ``y`` is in the compute dtype (``scale``'s). ``n64``/``oh64``/``ow64``: int64 pixel
+    coordinates (``n64`` may be a scalar); ``mask``: the (BM, BN) validity of the tile.
+    """
+    scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc.to(scale.dtype) * scale[None, :]
+    if HAS_SHIFT:
+        y = y + tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y = _add_residual(y, r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C, n64, oh64, ow64, offs_n, mask, R1_MODE)
+    if HAS_BA:
+        y = y + tl.load(ba_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y = apply_activation(y, slope_ptr, offs_n, n_ok, ACT)
+    if HAS_BB:
+        y = y + tl.load(bb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y = _add_residual(y, r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C, n64, oh64, ow64, offs_n, mask, R2_MODE)
+    return y
+
+
+@triton.jit
+def apply_mask(y, m_ptr, m_sn, m_sh, m_sw, a_ptr, a_sn, a_sc, a_sh, a_sw, n64, oh64, ow64, offs_n, mask,
+               MASK_MODE: tl.constexpr):
+    """``y * m[pixel] (+ addend[pixel, channel])`` in y's dtype (MASK_MODE 1 / 2); 0: y unchanged."""
+    if MASK_MODE != 0:
+        m_off = n64 * m_sn + oh64 * m_sh + ow64 * m_sw
+        m = tl.load(m_ptr + m_off[:, None], mask=mask, other=0.0).to(y.dtype)
+        y = y * m
+        if MASK_MODE == 2:
+            a_off = (n64 * a_sn + oh64 * a_sh + ow64 * a_sw)[:, None] + (offs_n.to(tl.int64) * a_sc)[None, :]
+            y = y + tl.load(a_ptr + a_off, mask=mask, other=0.0).to(y.dtype)
+    return y
+
+
+@triton.jit
+def store_packed(y_out, p_ptr, PCW, offs_m, m_ok, pid_n, nb_ptr, offs_n, n_ok, mask,
+                 HAS_NB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Next layer's LearnableBias + sign + pack of the value as stored (y_out), by exact
+    comparison with -next_bias (see kernels/pack.py); pixel rows ``offs_m`` of (N*Ho*Wo)."""
+    if HAS_NB:
+        t = tl.load(nb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        neg = (y_out < t) & mask
+        nonzero = (y_out != t) & mask
+    else:
+        neg = (y_out < 0) & mask
+        nonzero = (y_out != 0) & mask
+    # BN is a multiple of 32 and the tile starts on a word: word j of the tile
+    # holds columns 32j..32j+31; distinct powers of two sum to their OR.
+    shift = (offs_n % 32)[None, :]
+    sign_w = tl.sum(tl.reshape(neg.to(tl.int32) << shift, (BM, BN // 32, 32)), axis=2)
+    nz_w = tl.sum(tl.reshape(nonzero.to(tl.int32) << shift, (BM, BN // 32, 32)), axis=2)
+    word = pid_n * (BN // 32) + tl.arange(0, BN // 32)
+    p_off = offs_m.to(tl.int64)[:, None] * (2 * PCW) + word[None, :]
+    pmask = m_ok[:, None] & (word < PCW)[None, :]
+    tl.store(p_ptr + p_off, sign_w, mask=pmask)
+    tl.store(p_ptr + p_off + PCW, nz_w, mask=pmask)
+
+
+@triton.jit
+def _binary_conv_kernel(
+    x_ptr,  # int32 (N, H, W, 2, CW) packed activations
+    w_ptr,  # METHOD 0: int8 (KH, KW, 32*CW, COUT); METHOD 1: int32 (KH, KW, 2, CW, COUT)
+    M, H, W, HO, WO, CW, COUT,
+    scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr, nb_ptr,  # (COUT,) epilogue vectors
+    r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,  # residual
+    r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,  # post residual
+    m_ptr, m_sn, m_sh, m_sw,  # mask (N, 1, HO, WO)
+    a_ptr, a_sn, a_sc, a_sh, a_sw,  # addend (N, COUT, HO, WO)
+    y_ptr, y_sn, y_sc, y_sh, y_sw,  # output: int32 acc (EPILOGUE 0) or float y, logical NCHW
+    p_ptr, PCW,  # packed output int32 (N, HO, WO, 2, PCW)
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    METHOD: tl.constexpr, HW_POPC: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, R1_MODE: tl.constexpr, HAS_BA: tl.constexpr,
+    ACT: tl.constexpr, HAS_BB: tl.constexpr, R2_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+    STORE_Y: tl.constexpr, STORE_P: tl.constexpr, HAS_NB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # BK: input channels per step, a multiple of 32
+):
+    # Implicit GEMM: rows = output pixels m = (n*HO + oh)*WO + ow, columns = output
+    # channels, reduction over (kh, kw, input channel).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < COUT
+    n_img = offs_m // (HO * WO)
+    oh = (offs_m % (HO * WO)) // WO
+    ow = offs_m % WO
+
+    acc = conv_accumulate(x_ptr, w_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
+                          KH, KW, STRIDE, PAD, METHOD, HW_POPC, BM, BN, BK)
 
     # ---- epilogue ----
     mask = m_ok[:, None] & n_ok[None, :]
@@ -593,44 +742,18 @@ def _binary_conv_kernel(
     if EPILOGUE == 0:
         tl.store(y_ptr + y_off, acc, mask=mask)
     else:
-        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
-        y = acc.to(scale.dtype) * scale[None, :]
-        if HAS_SHIFT:
-            y = y + tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        y = _add_residual(y, r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C, n64, oh64, ow64, offs_n, mask, R1_MODE)
-        if HAS_BA:
-            y = y + tl.load(ba_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if ACT == 1:
-            slope = tl.load(slope_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-            y = tl.where(y > 0, y, slope * y)
-        elif ACT == 2:
-            y = tl.where(y > 0, y, 0.0)
-        if HAS_BB:
-            y = y + tl.load(bb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        y = _add_residual(y, r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C, n64, oh64, ow64, offs_n, mask, R2_MODE)
-        y_out = y.to(y_ptr.dtype.element_ty)
+        y = epilogue_values(
+            acc, offs_n, n_ok, mask, n64, oh64, ow64, scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr,
+            r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,
+            r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,
+            HAS_SHIFT, R1_MODE, HAS_BA, ACT, HAS_BB, R2_MODE,
+        )
+        y_out = apply_mask(y.to(y_ptr.dtype.element_ty), m_ptr, m_sn, m_sh, m_sw, a_ptr, a_sn, a_sc, a_sh, a_sw,
+                           n64, oh64, ow64, offs_n, mask, MASK_MODE)
         if STORE_Y:
             tl.store(y_ptr + y_off, y_out, mask=mask)
         if STORE_P:
-            # Next layer's LearnableBias + sign + pack of the value as stored (y_out),
-            # by exact comparison with -next_bias (see kernels/pack.py).
-            if HAS_NB:
-                t = tl.load(nb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-                neg = (y_out < t) & mask
-                nonzero = (y_out != t) & mask
-            else:
-                neg = (y_out < 0) & mask
-                nonzero = (y_out != 0) & mask
-            # BN is a multiple of 32 and the tile starts on a word: word j of the tile
-            # holds columns 32j..32j+31; distinct powers of two sum to their OR.
-            shift = (offs_n % 32)[None, :]
-            sign_w = tl.sum(tl.reshape(neg.to(tl.int32) << shift, (BM, BN // 32, 32)), axis=2)
-            nz_w = tl.sum(tl.reshape(nonzero.to(tl.int32) << shift, (BM, BN // 32, 32)), axis=2)
-            word = pid_n * (BN // 32) + tl.arange(0, BN // 32)
-            p_off = offs_m.to(tl.int64)[:, None] * (2 * PCW) + word[None, :]
-            pmask = m_ok[:, None] & (word < PCW)[None, :]
-            tl.store(p_ptr + p_off, sign_w, mask=pmask)
-            tl.store(p_ptr + p_off + PCW, nz_w, mask=pmask)
+            store_packed(y_out, p_ptr, PCW, offs_m, m_ok, pid_n, nb_ptr, offs_n, n_ok, mask, HAS_NB, BM, BN)
 
 
 # Under the interpreter the cost is per op and per program, not per element: big tiles.
@@ -647,6 +770,9 @@ def _cuda_configs(method: int) -> list:
 
 _KEY = ["M", "COUT", "CW", "KH", "KW", "STRIDE", "EPILOGUE", "STORE_P"]
 _TUNED = {}
+# The mask stage may read its addend from the output (read-modify-write): the
+# autotuner's trial runs must then start from the same output each time.
+_RESTORE = ["y_ptr"]
 
 
 def _launcher(method: int, block: tuple[int, int, int] | None):
@@ -656,21 +782,50 @@ def _launcher(method: int, block: tuple[int, int, int] | None):
     if interpreting():
         return _binary_conv_kernel, _INTERPRETER_CONFIG
     if method not in _TUNED:
-        _TUNED[method] = triton.autotune(configs=_cuda_configs(method), key=_KEY)(_binary_conv_kernel)
+        _TUNED[method] = triton.autotune(configs=_cuda_configs(method), key=_KEY, restore_value=_RESTORE)(
+            _binary_conv_kernel
+        )
     return _TUNED[method], {}
 
 
 _RES_CODE = {None: 0, "add": 1, "half_sum": 2, "avgpool": 3}
-_ACT_CODE = {None: 0, "prelu": 1, "relu": 2}
+_ACT_CODE = {None: 0, "prelu": 1, "relu": 2, "sigmoid": 3, "tanh": 4}
+
+
+def _interpretable(t: Tensor) -> Tensor:
+    """bf16 -> float32 under the interpreter (exact; it has no bf16 arithmetic)."""
+    return t.float() if interpreting() and t.dtype == torch.bfloat16 else t
 
 
 def _residual_args(r: Residual | None, dummy: Tensor) -> tuple:
     if r is None:
         return (dummy, 0, 0, 0, 0, 1, 1, 1)
-    t = r.tensor
-    if interpreting() and t.dtype == torch.bfloat16:
-        t = t.float()  # exact; the interpreter has no bf16 arithmetic
+    t = _interpretable(r.tensor)
     return (t, *t.stride(), t.shape[2], t.shape[3], t.shape[1])
+
+
+def mask_args(mask: Tensor | None, addend: Tensor | None, dummy: Tensor) -> tuple[tuple, tuple, int]:
+    """Kernel arguments of the mask stage: (mask ptr + 3 strides), (addend ptr + 4 strides), MASK_MODE."""
+    if mask is None:
+        return (dummy, 0, 0, 0), (dummy, 0, 0, 0, 0), 0
+    m = _interpretable(mask)
+    margs = (m, m.stride(0), m.stride(2), m.stride(3))
+    if addend is None:
+        return margs, (dummy, 0, 0, 0, 0), 1
+    a = _interpretable(addend)
+    return margs, (a, *a.stride()), 2
+
+
+def epilogue_flags(p: "_Prepared") -> dict:
+    """The constexpr flags of the float epilogue (shared with the sparse kernel)."""
+    return dict(
+        HAS_SHIFT=p.shift is not None,
+        R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
+        HAS_BA=p.bias_a is not None,
+        ACT=_ACT_CODE[p.act],
+        HAS_BB=p.bias_b is not None,
+        R2_MODE=_RES_CODE[p.post_residual.mode if p.post_residual else None],
+    )
 
 
 def binary_conv2d(
@@ -719,8 +874,9 @@ def binary_conv2d(
         dummy = y
         vectors = (dummy,) * 6
         res1 = res2 = _residual_args(None, dummy)
+        margs, aargs, _ = mask_args(None, None, dummy)
         flags = dict(EPILOGUE=0, HAS_SHIFT=False, R1_MODE=0, HAS_BA=False, ACT=0, HAS_BB=False, R2_MODE=0,
-                     STORE_Y=True, STORE_P=False, HAS_NB=False)
+                     MASK_MODE=0, STORE_Y=True, STORE_P=False, HAS_NB=False)
         pbits, pcw = y, 1
     else:
         if p.out is not None:
@@ -736,14 +892,11 @@ def binary_conv2d(
         )
         res1 = _residual_args(p.residual, dummy)
         res2 = _residual_args(p.post_residual, dummy)
+        margs, aargs, mode = mask_args(p.mask, p.addend, dummy)
         flags = dict(
             EPILOGUE=1,
-            HAS_SHIFT=p.shift is not None,
-            R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
-            HAS_BA=p.bias_a is not None,
-            ACT=_ACT_CODE[p.act],
-            HAS_BB=p.bias_b is not None,
-            R2_MODE=_RES_CODE[p.post_residual.mode if p.post_residual else None],
+            **epilogue_flags(p),
+            MASK_MODE=mode,
             STORE_Y=p.store_float,
             STORE_P=p.pack,
             HAS_NB=p.next_bias is not None,
@@ -763,7 +916,7 @@ def binary_conv2d(
 
         kernel[grid](
             x.bits, w_arg, m, h, w, ho, wo, x.words, cout,
-            *vectors, *res1, *res2, y, *y.stride(), pbits, pcw,
+            *vectors, *res1, *res2, *margs, *aargs, y, *y.stride(), pbits, pcw,
             KH=kh, KW=kw, STRIDE=weight.stride, PAD=weight.padding,
             METHOD=code, HW_POPC=hardware_popcount(x.bits), **flags, **config,
         )
