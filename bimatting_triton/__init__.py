@@ -9,6 +9,7 @@ from importlib import import_module
 from .checkpoint import CheckpointError
 from .fuse import convert
 from .model import BiMatting
+from .packed import PackedCheckpointError, load_packed, save_packed
 from .nn import BiConv2d, BinaryActivation, LearnableBias
 from .profile import Profile, profile  # bimatting_triton.profile is the function
 from .swap import binarize_, swap_modules
@@ -30,6 +31,9 @@ __all__ = [
     "LearnableBias",
     "CheckpointError",
     "convert",
+    "save_packed",
+    "load_packed",
+    "PackedCheckpointError",
     "swap_modules",
     "binarize_",
     "profile",
