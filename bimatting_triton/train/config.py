@@ -1,0 +1,202 @@
+"""Training configurations: one dataclass, and the named stages of the paper's recipe.
+
+The four stages follow BiMatting's recipe (SPEC §6), which is Robust Video Matting's:
+
+=========  ================  =====================================  ===========================
+stage      data              clips                                  learning rates (bb/aspp/dec/ref)
+=========  ================  =====================================  ===========================
+stage1     VideoMatte240K    512 px, T = 15, downsample 1           1e-4 / 2e-4 / 2e-4 / 0
+stage2     VideoMatte240K    512 px, T = 40 (longer clips)          5e-5 / 1e-4 / 1e-4 / 0
+stage3     VideoMatte240K    + 2048 px, T = 6, downsample 0.25      1e-5 / 1e-5 / 1e-5 / 2e-4
+stage4     ImageMatte        + 2048 px, T = 6, downsample 0.25      1e-5 / 1e-5 / 5e-5 / 2e-4
+=========  ================  =====================================  ===========================
+
+Every stage uses Adam, mixed precision on CUDA, DDP + SyncBatchNorm when launched with
+``torchrun`` on GPUs, and segmentation passes (BCE) every other step. Each stage starts
+from the previous stage's checkpoint (``init``). ``demo`` and ``tiny`` train on the
+procedural :class:`~bimatting_triton.train.synthetic.SyntheticMatteDataset` (no download):
+``demo`` shows learning in a few minutes on two CPU cores, ``tiny`` is for tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["TrainConfig", "CONFIGS", "get_config", "config_names"]
+
+DATASETS = ("videomatte", "imagematte", "synthetic")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; every field can be overridden from the command line.
+
+    Paths are ``None`` unless the dataset needs them. Sizes are in pixels (square crops);
+    ``seq_length`` is the clip length T. ``batch_size`` is per process (per GPU under DDP).
+    """
+
+    name: str = "custom"
+    # ---- data
+    dataset: str = "synthetic"  # 'videomatte' | 'imagematte' | 'synthetic'
+    videomatte_dir: str | None = None  # holds fgr/<clip>/<frame> and pha/<clip>/<frame>
+    imagematte_dir: str | None = None  # holds fgr/<image> and pha/<image>
+    background_image_dir: str | None = None  # folder of background images
+    background_video_dir: str | None = None  # folder of <clip>/<frame> background frame folders
+    seg_image_dir: str | None = None  # optional segmentation data: images ...
+    seg_mask_dir: str | None = None  # ... and their masks (same file stems)
+    val_videomatte_dir: str | None = None  # held-out clips (same layout); synthetic otherwise
+    size: int = 512  # low-resolution crop side
+    seq_length: int = 15  # low-resolution clip length T
+    batch_size: int = 1  # per process
+    train_hr: bool = False  # also take a high-resolution step through the refiner
+    size_hr: int = 2048
+    seq_length_hr: int = 6
+    batch_size_hr: int = 1
+    downsample_ratio_hr: float = 0.25
+    synthetic_length: int = 2000  # clips per epoch of the synthetic dataset
+    num_workers: int = 2
+    augment: bool = True  # motion / colour / crop augmentation (real datasets; optional on synthetic)
+    # ---- model and optimisation
+    refiner: str = "deep_guided_filter"
+    lr_backbone: float = 1e-4
+    lr_aspp: float = 2e-4
+    lr_decoder: float = 2e-4
+    lr_refiner: float = 0.0
+    lr_schedule: str = "constant"  # 'constant' (the recipe) or 'cosine' (decay to 0 over the run)
+    grad_clip: float | None = None  # max global grad norm; None disables clipping
+    amp: bool = True  # float16 autocast + GradScaler on CUDA (ignored on CPU)
+    seg_every: int = 2  # a segmentation pass every N steps (0 = never)
+    coarse_weight: float = 0.25  # weight of the matting loss on the coarse outputs
+    epochs: int = 20
+    max_steps: int | None = None  # stop after this many steps (over all epochs)
+    # ---- bookkeeping
+    out_dir: str = "runs/train"
+    init: str | None = None  # weights to start from (the previous stage's checkpoint)
+    resume: str | None = None  # checkpoint to resume (or 'auto': out_dir/last.pt if present)
+    log_every: int = 20
+    val_every: int = 500  # steps between validations (0 = only at the end)
+    val_clips: int = 8
+    val_size: int | None = None  # validation crop side (default: size)
+    val_seq_length: int | None = None  # default: seq_length
+    val_at_start: bool = False  # measure the untrained (or initial) model first
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str | None = None  # default: cuda if available, else cpu
+    threads: int | None = None  # torch.set_num_threads on CPU
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        for name in ("size", "seq_length", "batch_size", "size_hr", "seq_length_hr", "batch_size_hr", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps: expected None or an integer >= 0, got {self.max_steps!r}")
+        if not 0 < self.downsample_ratio_hr <= 1:
+            raise ValueError(f"downsample_ratio_hr: expected a number in (0, 1], got {self.downsample_ratio_hr!r}")
+        for name in ("lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a learning rate >= 0, got {getattr(self, name)!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip: expected None or a number > 0, got {self.grad_clip!r}")
+        if self.dataset == "videomatte" and not self.videomatte_dir:
+            raise ValueError("videomatte_dir: dataset='videomatte' needs the folder holding fgr/ and pha/")
+        if self.dataset == "imagematte" and not self.imagematte_dir:
+            raise ValueError("imagematte_dir: dataset='imagematte' needs the folder holding fgr/ and pha/")
+        if self.dataset != "synthetic" and not (self.background_image_dir or self.background_video_dir):
+            raise ValueError(
+                f"background_image_dir / background_video_dir: dataset={self.dataset!r} composites "
+                "foregrounds over backgrounds; give at least one background folder"
+            )
+        if bool(self.seg_image_dir) != bool(self.seg_mask_dir):
+            raise ValueError("seg_image_dir / seg_mask_dir: give both folders or neither")
+
+    # ---- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (JSON- and ``torch.load(weights_only=True)``-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# The recipe's learning rates and clip lengths; stage 2's T follows SPEC §6 ("T≈20-40").
+_STAGES: dict[str, dict[str, Any]] = {
+    "stage1": dict(
+        dataset="videomatte", size=512, seq_length=15, lr_backbone=1e-4, lr_aspp=2e-4, lr_decoder=2e-4,
+        lr_refiner=0.0, epochs=20, out_dir="runs/stage1",
+    ),
+    "stage2": dict(
+        dataset="videomatte", size=512, seq_length=40, lr_backbone=5e-5, lr_aspp=1e-4, lr_decoder=1e-4,
+        lr_refiner=0.0, epochs=2, init="runs/stage1/last.pt", out_dir="runs/stage2",
+    ),
+    "stage3": dict(
+        dataset="videomatte", size=512, seq_length=40, train_hr=True, size_hr=2048, seq_length_hr=6,
+        downsample_ratio_hr=0.25, lr_backbone=1e-5, lr_aspp=1e-5, lr_decoder=1e-5, lr_refiner=2e-4,
+        grad_clip=1.0, epochs=1, init="runs/stage2/last.pt", out_dir="runs/stage3",
+    ),
+    "stage4": dict(
+        dataset="imagematte", size=512, seq_length=40, train_hr=True, size_hr=2048, seq_length_hr=6,
+        downsample_ratio_hr=0.25, lr_backbone=1e-5, lr_aspp=1e-5, lr_decoder=5e-5, lr_refiner=2e-4,
+        grad_clip=1.0, epochs=5, init="runs/stage3/last.pt", out_dir="runs/stage4",
+    ),
+}
+
+# The two-core CPU demonstration (README): small clips, 500 steps. One thread: on a busy
+# 2-core machine OpenMP oversubscription slows steps ~10x; --threads 2 helps when idle.
+_DEMO = dict(
+    dataset="synthetic", size=64, seq_length=4, batch_size=2, synthetic_length=100_000, augment=False,
+    lr_backbone=2e-3, lr_aspp=2e-3, lr_decoder=2e-3, lr_refiner=0.0, lr_schedule="cosine", seg_every=0,
+    epochs=1, max_steps=500, num_workers=0, log_every=50, val_every=0, val_clips=16, val_at_start=True,
+    checkpoint_every=250, out_dir="runs/demo", threads=1,
+)
+
+# Seconds-long runs for tests and smoke checks.
+_TINY = dict(
+    dataset="synthetic", size=32, seq_length=2, batch_size=1, synthetic_length=64, augment=False,
+    lr_backbone=1e-3, lr_aspp=1e-3, lr_decoder=1e-3, lr_refiner=1e-3, seg_every=2, epochs=1, max_steps=3,
+    num_workers=0, log_every=1, val_every=0, val_clips=2, checkpoint_every=1000, out_dir="runs/tiny",
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {**_STAGES, "demo": _DEMO, "tiny": _TINY}
+
+
+def config_names() -> list[str]:
+    """Names accepted by :func:`get_config` (besides paths to JSON files)."""
+    return list(CONFIGS)
+
+
+def get_config(name_or_path: str, **overrides: Any) -> TrainConfig:
+    """A named config (``stage1`` .. ``stage4``, ``demo``, ``tiny``) or a JSON file's, with overrides.
+
+    A named real-data stage needs its data folders as overrides, e.g.
+    ``get_config('stage1', videomatte_dir=..., background_image_dir=...)``.
+    """
+    if name_or_path in CONFIGS:
+        values = {"name": name_or_path, **CONFIGS[name_or_path]}
+    elif name_or_path.endswith(".json") and os.path.isfile(name_or_path):
+        with open(name_or_path, encoding="utf-8") as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {name_or_path!r} must hold a JSON object of TrainConfig fields")
+        values.setdefault("name", os.path.splitext(os.path.basename(name_or_path))[0])
+    else:
+        raise ValueError(f"config: expected one of {config_names()} or a path to a .json file, got {name_or_path!r}")
+    values.update({k: v for k, v in overrides.items()})
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,55 @@
+"""Named configs (the four-stage recipe) and the command line's parsing."""
+import json
+
+import pytest
+
+from bimatting_triton.train.__main__ import main
+from bimatting_triton.train.config import CONFIGS, TrainConfig, get_config
+
+DATA = dict(videomatte_dir="vm", imagematte_dir="im", background_image_dir="bg")
+
+
+def test_four_stages_follow_the_recipe():
+    s1, s2, s3, s4 = (get_config(f"stage{i}", **DATA) for i in range(1, 5))
+    assert (s1.dataset, s1.size, s1.seq_length, s1.train_hr) == ("videomatte", 512, 15, False)
+    assert s2.dataset == "videomatte" and 20 <= s2.seq_length <= 40 and s2.init == "runs/stage1/last.pt"
+    assert s3.train_hr and s3.size_hr == 2048 and s3.downsample_ratio_hr == 0.25 and s3.lr_refiner > 0
+    assert s4.dataset == "imagematte" and s4.train_hr and s4.init == "runs/stage3/last.pt"
+    for s in (s1, s2, s3, s4):
+        assert s.amp and s.seg_every > 0 and s.coarse_weight == 0.25
+    # The refiner only trains once high-resolution passes use it.
+    assert s1.lr_refiner == 0 and s2.lr_refiner == 0
+    assert get_config("demo").dataset == "synthetic" and get_config("tiny").dataset == "synthetic"
+    assert set(CONFIGS) == {"stage1", "stage2", "stage3", "stage4", "demo", "tiny"}
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="videomatte_dir"):
+        get_config("stage1", background_image_dir="bg")
+    with pytest.raises(ValueError, match="background_image_dir"):
+        get_config("stage1", videomatte_dir="vm")
+    with pytest.raises(ValueError, match="config"):
+        get_config("stage9")
+    with pytest.raises(ValueError, match="unknown keys.*'bogus'"):
+        get_config("tiny", bogus=1)
+    with pytest.raises(ValueError, match="seq_length"):
+        TrainConfig(seq_length=0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=-1.0)
+
+
+def test_json_config_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"dataset": "synthetic", "size": 48, "lr_decoder": 3e-4}))
+    cfg = get_config(str(path), seq_length=5)
+    assert (cfg.name, cfg.size, cfg.lr_decoder, cfg.seq_length) == ("mine", 48, 3e-4, 5)
+
+
+def test_command_line_overrides(capsys):
+    assert main(["--config", "tiny", "--size", "48", "--grad-clip", "0.5", "--init", "none", "--amp", "false", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["name"] == "tiny" and cfg["size"] == 48 and cfg["grad_clip"] == 0.5 and cfg["init"] is None and cfg["amp"] is False
+    assert main(["--config", "stage1", "--print-config"]) == 2
+    assert "videomatte_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", "tiny", "--size", "big"])

@@ -1,0 +1,162 @@
+"""The training loop with the real BiMatting at a tiny size: steps, checkpoints, exact resume."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bimatting_triton.model import BiMatting
+from bimatting_triton.train.config import get_config
+from bimatting_triton.train.data import write_image
+from bimatting_triton.train.loop import Trainer, evaluate, load_checkpoint, param_groups, train
+from bimatting_triton.train.synthetic import SyntheticMatteDataset
+
+# One thread: on a loaded 2-core machine OpenMP oversubscription makes steps ~10x slower.
+QUIET = dict(log_every=1000, threads=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """4 tiny steps in one go, and 2 + 2 with a resume in between."""
+    root = tmp_path_factory.mktemp("runs")
+    base = dict(max_steps=4, seg_every=2, val_clips=1, **QUIET)
+    straight = Trainer(get_config("tiny", out_dir=str(root / "a"), checkpoint_every=2, **base), log=lambda m: None)
+    init = _params(straight.model)
+    straight.fit()
+    first = Trainer(get_config("tiny", out_dir=str(root / "b"), **{**base, "max_steps": 2}), log=lambda m: None)
+    first.fit()
+    second = Trainer(get_config("tiny", out_dir=str(root / "b"), resume="auto", **base), log=lambda m: None)
+    assert second.step == 2
+    second.fit()
+    return straight, second, init, root
+
+
+def test_training_changes_every_trained_part(runs):
+    straight, _, init, _ = runs
+    after = straight.model.state_dict()
+    # (The refiner only runs in high-resolution passes: see the test below.)
+    for part in ("backbone.", "aspp.", "decoder.", "project_mat.", "project_seg."):
+        changed = [k for k in init if k.startswith(part) and not torch.equal(init[k], after[k])]
+        assert changed, f"no parameter of {part} changed"
+
+
+def test_resume_continues_bitwise(runs):
+    straight, resumed, _, _ = runs
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in sa:
+        assert torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"])
+
+
+def test_checkpoint_contents_and_from_pretrained(runs):
+    straight, _, _, root = runs
+    path = root / "a" / "last.pt"
+    state = load_checkpoint(str(path))
+    assert {"model", "optimizer", "scaler", "step", "rng", "config"} <= set(state)
+    assert state["step"] == 4 and state["config"]["name"] == "tiny"
+    assert not [f for f in os.listdir(root / "a") if ".tmp" in f]
+    loaded = BiMatting.from_pretrained(str(path))
+    ours = straight.model.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+    # The loaded model infers like the trained one.
+    src = torch.rand(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    straight.model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(src)[1], straight.model(src)[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_checkpoint_loads_into_fused_model(runs, backend):
+    from bimatting_triton import convert
+
+    _, _, _, root = runs
+    # float64: binary layers turn float rounding differences into sign flips, so the
+    # packed path is compared with the float-simulated one where rounding cannot matter.
+    model = BiMatting.from_pretrained(str(root / "a" / "last.pt")).double().eval()
+    fused = convert(model, backend=backend)
+    src = torch.rand(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(src)
+        got = fused(src)
+    for e, g in zip(expected[:2], got[:2]):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
+
+
+def test_param_groups_freeze_zero_learning_rates():
+    model = BiMatting()
+    cfg = get_config("tiny", lr_refiner=0.0, lr_aspp=5e-4)
+    groups = param_groups(model, cfg)
+    assert [g["name"] for g in groups] == ["backbone", "aspp", "decoder"]
+    assert groups[1]["lr"] == 5e-4
+    assert all(not p.requires_grad for p in model.refiner.parameters())
+    n_grouped = sum(p.numel() for g in groups for p in g["params"])
+    assert n_grouped == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="'extra.weight'"):
+        param_groups(nn.ModuleDict({"extra": nn.Linear(1, 1)}), cfg)
+
+
+class _ConstantAlpha(nn.Module):
+    """Follows the forward contract; predicts alpha = c and fgr = src everywhere."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, src, *rec, downsample_ratio=1.0, **kwargs):
+        return [src, torch.full_like(src[:, :, :1], self.c), None, None, None, None]
+
+
+def test_evaluate_hand_checkable_mad():
+    ds = SyntheticMatteDataset(3, 24, 2, seed=5)
+    zero = evaluate(_ConstantAlpha(0.0), ds)
+    one = evaluate(_ConstantAlpha(1.0), ds)
+    mean_alpha = np.mean([ds[i][1].double().mean().item() for i in range(3)])
+    assert zero["pha_mad"] == pytest.approx(1e3 * mean_alpha, rel=1e-5)
+    assert one["pha_mad"] == pytest.approx(1e3 * (1 - mean_alpha), rel=1e-5)
+    assert zero["pha_dtssd"] > 0 and set(zero) == {"pha_mad", "pha_mse", "pha_grad", "pha_dtssd", "fgr_mad"}
+
+
+def test_high_resolution_and_segmentation_folder_steps(tmp_path):
+    # Segmentation data from folders; a high-resolution pass through the refiner.
+    rng = np.random.default_rng(0)
+    for sub in ("img", "mask"):
+        os.makedirs(tmp_path / sub)
+    for i in range(2):
+        write_image(str(tmp_path / "img" / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        write_image(str(tmp_path / "mask" / f"{i}.png"), (rng.random((40, 40)) > 0.5).astype(np.uint8) * 255)
+    cfg = get_config(
+        "tiny", out_dir=str(tmp_path / "run"), max_steps=1, seg_every=1, train_hr=True, size_hr=64, seq_length_hr=1,
+        downsample_ratio_hr=0.5, seg_image_dir=str(tmp_path / "img"), seg_mask_dir=str(tmp_path / "mask"),
+        grad_clip=1.0, val_clips=1, **QUIET,
+    )
+    logged = []
+    trainer = Trainer(cfg, log=logged.append)
+    refiner_before = _params(trainer.model.refiner)
+    trainer.fit()
+    assert any(not torch.equal(v, trainer.model.refiner.state_dict()[k]) for k, v in refiner_before.items())
+    history = [line for line in open(tmp_path / "run" / "log.jsonl")]
+    assert any('"hr/loss"' in h and '"seg/seg_bce"' in h and '"lr/grad_norm"' in h for h in history)
+
+
+def test_train_api_runs_and_reports(tmp_path):
+    result = train("tiny", out_dir=str(tmp_path), max_steps=1, val_at_start=True, val_clips=1, **QUIET)
+    assert result.step == 1 and result.checkpoint == os.path.join(str(tmp_path), "last.pt")
+    assert result.initial["pha_mad"] > 0 and result.final["pha_mad"] > 0
+    assert set(result.validations) == {0, 1}
