@@ -29,3 +29,19 @@ def reference_dir() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def golden(reference_dir) -> dict:
+    """``bimatting_golden.pt`` (SPEC §2): official-layout weights, clips and reference outputs."""
+    return torch.load(os.path.join(reference_dir, "bimatting_golden.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden):
+    """BiMatting with the golden weights, float64, eval mode, on the CPU. Shared: do not modify."""
+    from bimatting_triton import BiMatting
+
+    model = BiMatting()
+    model.load_state_dict(golden["state_dict"])
+    return model.double().eval()

@@ -7,6 +7,7 @@ plain-PyTorch reference backend on every case (same packed weights and folded
 epilogues; this checks the wiring quickly). In float64 the fused model differs from
 the reference network only by rounding (folded BatchNorm, exact integer sums): ~1e-15.
 """
+import copy
 import os
 
 import pytest
@@ -22,15 +23,8 @@ DEVICE = torch.device("cuda" if os.environ.get("BIMATTING_TEST_CUDA") and torch.
 
 
 @pytest.fixture(scope="module")
-def golden(reference_dir):
-    return torch.load(os.path.join(reference_dir, "bimatting_golden.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def model(golden):
-    model = BiMatting()
-    model.load_state_dict(golden["state_dict"])
-    return model.double().eval().to(DEVICE)
+def model(golden_model):
+    return copy.deepcopy(golden_model).to(DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,4 @@
 """SPEC §2 golden check: the reference network's float64 outputs, reproduced to 1e-6."""
-import os
-
 import pytest
 import torch
 
@@ -10,15 +8,8 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def golden(reference_dir):
-    return torch.load(os.path.join(reference_dir, "bimatting_golden.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def model(golden):
-    model = BiMatting()
-    model.load_state_dict(golden["state_dict"])
-    return model.double().eval()
+def model(golden_model):
+    return golden_model
 
 
 def assert_close(actual, expected, name):

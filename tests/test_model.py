@@ -8,16 +8,9 @@ from bimatting_triton import BiMatting
 
 
 @pytest.fixture(scope="module")
-def golden(reference_dir):
-    return torch.load(os.path.join(reference_dir, "bimatting_golden.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def model(golden):
+def model(golden_model):
     """The golden weights give masks that are neither empty nor full: every path matters."""
-    model = BiMatting()
-    model.load_state_dict(golden["state_dict"])
-    return model.double().eval()
+    return golden_model
 
 
 def read_layout(reference_dir):
