@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from cli_args import parse_frame_size  # bench/cli_args.py
 
 from bimatting_triton import BiMatting
 from bimatting_triton.baselines import RVMMobileNetV3
@@ -36,17 +37,8 @@ MIB_BITS = 8 * 2**20
 
 
 def parse_size(text: str) -> tuple[int, int, float]:
-    """'WxH' or 'WxH:RATIO' -> (H, W, ratio); the ratio defaults to 1."""
-    try:
-        dims, _, ratio = text.partition(":")
-        w, h = (int(v) for v in dims.lower().split("x"))
-        r = float(ratio) if ratio else 1.0
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--size: expected WIDTHxHEIGHT[:RATIO] such as 1920x1080:0.25, got {text!r}"
-        ) from None
-    if w <= 0 or h <= 0 or not 0 < r <= 1:
-        raise argparse.ArgumentTypeError(f"--size: positive sizes and a ratio in (0, 1] expected, got {text!r}")
+    """'WxH' or 'WxH:RATIO' (or '@RATIO') -> (H, W, ratio); the ratio defaults to 1."""
+    w, h, r = parse_frame_size(text)
     return h, w, r
 
 

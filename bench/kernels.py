@@ -26,14 +26,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_args import parse_frame_size  # bench/cli_args.py
 
 DEFAULT_SIZE = os.environ.get("BIMATTING_BENCH_SIZE", "1920x1080@0.25")
-
-
-def parse_size(text: str) -> tuple[int, int, float]:
-    dims, _, ratio = text.partition("@")
-    w, h = (int(v) for v in dims.lower().split("x"))
-    return h, w, float(ratio or 1)
 
 
 def layer_shapes(size: str = DEFAULT_SIZE) -> list[tuple[int, int, int, int, int, int]]:
@@ -41,7 +36,7 @@ def layer_shapes(size: str = DEFAULT_SIZE) -> list[tuple[int, int, int, int, int
     from bimatting_triton import BiMatting
     from bimatting_triton.nn import BiConv2d
 
-    h, w, ratio = parse_size(size)
+    w, h, ratio = parse_frame_size(size)
     with torch.device("meta"):
         model = BiMatting().eval()
         src = torch.empty(1, 1, 3, h, w)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from cli_args import parse_frame_size  # bench/cli_args.py
 
 from bimatting_triton import BiMatting
 from bimatting_triton.baselines import RVMMobileNetV3
@@ -65,20 +66,7 @@ class Measurement:
 
 def parse_sizes(text: str) -> list[tuple[int, int, float]]:
     """'512x288@1,1920x1080@0.25' -> [(512, 288, 1.0), (1920, 1080, 0.25)]."""
-    sizes = []
-    for item in text.split(","):
-        try:
-            dims, _, ratio = item.strip().partition("@")
-            w, h = (int(v) for v in dims.lower().split("x"))
-            r = float(ratio) if ratio else 1.0
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--sizes: expected WIDTHxHEIGHT@RATIO items separated by commas, got {item!r}"
-            ) from None
-        if w <= 0 or h <= 0 or not 0 < r <= 1:
-            raise argparse.ArgumentTypeError(f"--sizes: {item!r} needs positive sizes and a ratio in (0, 1]")
-        sizes.append((w, h, r))
-    return sizes
+    return [parse_frame_size(item) for item in text.split(",")]
 
 
 def parse_ints(text: str) -> list[int]:

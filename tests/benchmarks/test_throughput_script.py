@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "throughput.py")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+SCRIPT = os.path.join(BENCH, "throughput.py")
 
 
 @pytest.fixture(scope="module")
 def throughput():
+    sys.path.insert(0, os.path.abspath(BENCH))  # as when run as `python bench/throughput.py`
     spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
