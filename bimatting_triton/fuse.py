@@ -21,6 +21,9 @@ eval-mode semantics). What is replaced:
   two units in a row (the refiner's) pass packed bits only: the first one's epilogue
   applies the second one's LearnableBias + sign + pack and stores no float.
 * A ``BasicBlock`` outside a ``BinaryBackbone`` -> :class:`FusedBasicBlock`.
+* The decoder's ``UpsamplingBlock`` / ``OutputBlock`` -> the blocks of
+  :mod:`bimatting_triton.fuse_decoder`: their masked 3x3 branches run only on the
+  active tiles of the incoherence mask.
 
 A ``BiConv2d`` outside these structures (e.g. in a model brought in with
 ``swap_modules``) becomes a ``PackedBiConv2d`` (:mod:`bimatting_triton.fuse_generic`).
@@ -322,6 +325,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
         return FusedBasicBlock(fused, backend).eval()
     if isinstance(fused, nn.Sequential) and any(isinstance(m, BiConv2d) for m in fused):
         return FusedSequential(fused, backend).eval()
+    from .fuse_decoder import fuse_decoder_block  # imports this module
+
     # Outermost first; a replaced subtree is not visited again.
     done: list[str] = []
     for name, module in list(fused.named_modules()):
@@ -332,6 +337,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
             new = FusedBackbone(module, backend)
         elif isinstance(module, BasicBlock):
             new = FusedBasicBlock(module, backend)
+        elif (decoder_block := fuse_decoder_block(module, backend)) is not None:
+            new = decoder_block  # sparse masked units (fuse_decoder)
         elif isinstance(module, nn.Sequential) and any(isinstance(m, BiConv2d) for m in module):
             try:
                 new = FusedSequential(module, backend)

@@ -1,12 +1,23 @@
 """Triton kernels of bimatting_triton, installed as ``bimatting_triton.kernels``.
 
 Each op lives in its own module beside the plain-PyTorch reference it must equal:
-``pack`` (LearnableBias + sign + bit-pack) and ``binary_conv`` (packed 1x1/3x3 binary
-convolution with a fused epilogue). Under ``TRITON_INTERPRET=1`` (set before import)
+``pack`` (LearnableBias + sign + bit-pack), ``binary_conv`` (packed 1x1/3x3 binary
+convolution with a fused epilogue) and ``sparse_unit`` (active-tile lists and the
+tile-sparse masked units of the decoder). Under ``TRITON_INTERPRET=1`` (set before import)
 the kernels run on the CPU.
 """
 from .binary_conv import Epilogue, PackedWeight, Residual, binary_conv2d, binary_conv2d_reference, pack_weight
 from .pack import PackedActivation, sign_pack, sign_pack_reference
+from .sparse_unit import (
+    TileList,
+    active_tiles,
+    active_tiles_reference,
+    skipped_bops,
+    sparse_binary_conv2d,
+    sparse_binary_conv2d_reference,
+    sparse_float_conv2d,
+    sparse_float_conv2d_reference,
+)
 
 __all__ = [
     "PackedActivation",
@@ -18,4 +29,12 @@ __all__ = [
     "Residual",
     "binary_conv2d",
     "binary_conv2d_reference",
+    "TileList",
+    "active_tiles",
+    "active_tiles_reference",
+    "sparse_binary_conv2d",
+    "sparse_binary_conv2d_reference",
+    "sparse_float_conv2d",
+    "sparse_float_conv2d_reference",
+    "skipped_bops",
 ]

@@ -62,6 +62,11 @@ NCHW with any strides; outputs are allocated channels-last (NHWC in memory) unle
 ``out`` tensor (any strides, e.g. a channel slice of a concat buffer) is given. ``out``
 must not overlap any input other than ``addend`` (which may be ``out`` itself).
 
+The kernel is built from ``@triton.jit`` helpers (:func:`conv_accumulate`,
+:func:`epilogue_values`, :func:`apply_activation`, :func:`apply_mask`,
+:func:`store_packed`) that :mod:`~bimatting_triton.kernels.sparse_unit` reuses for
+its tile-sparse variant, so both compute every value with the same operations.
+
 Batch and time are folded into N by the caller. Public: :func:`pack_weight`,
 :func:`pack_conv`, :func:`fold_scale_shift`, :class:`Epilogue`, :class:`Residual`,
 :func:`binary_conv2d` (Triton; reference fallback where Triton cannot run) and

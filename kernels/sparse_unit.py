@@ -1,0 +1,739 @@
+"""Tile-sparse decoder units: the 3x3 branches computed only where the incoherence mask is set.
+
+BiMatting's decoder computes, at every level, ``branch3x3(x) * m + branch1x1(x)`` with
+``m`` the incoherence mask resized to the level (soft, in [0, 1]; SPEC §2). Wherever
+``m == 0`` the 3x3 branch contributes nothing, so it is computed here only on the
+*active tiles*: the output tiles of ``TH x TW`` pixels that hold a pixel with
+``m != 0``. The 1x1 branch runs densely first (a cheap dense launch, its result stored
+in the output), then the sparse kernel rewrites the active tiles in place::
+
+    out = unit1x1(x)                              # dense, every pixel
+    out[tile] = unit3x3(x)[tile] * m[tile] + out[tile]   # active tiles only
+
+Inactive tiles keep ``unit1x1(x)``, which is exactly ``unit3x3 * 0 + unit1x1`` (for a
+finite 3x3 result); inside an active tile the kernel computes the same
+``y3 * m + y1`` in the same order as the dense path, so the result equals the dense
+computation everywhere (bitwise under the interpreter, where both round like PyTorch;
+on GPU the multiply-add may be contracted into an FMA: within one rounding).
+
+Active-tile list (:class:`TileList`, :func:`active_tiles`)
+-----------------------------------------------------------
+Masks are (B, T, 1, H, W) (or (N, 1, H, W), read as T = 1). The list has one row per
+frame ``t`` (a *group*) holding the active tiles of the B items of that frame, so that
+a GRU step (frame t, batch B) and a whole-clip conv (B*T frames folded) share it:
+
+* ``flags`` int32 (T, L), ``L = B * tiles_h * tiles_w``: 1 where tile ``e`` of frame
+  ``t`` is active, ``e = (b * tiles_h + ty) * tiles_w + tx``;
+* ``index`` int32 (T, L): the first ``count[t]`` entries are the active ``e`` in
+  increasing order (the rest is unused memory);
+* ``count`` int32 (T,).
+
+Built on the device without a host sync: a flags kernel (one tile a lane: any
+``m != 0`` in the tile, grown by ``halo`` pixels) and a compaction kernel (one program
+per frame: ``pos = running + cumsum(flags) - 1``, scatter ``e`` to ``index[pos]``).
+The sparse kernels are launched with a grid of the *capacity* L per frame and each
+program beyond ``count[t]`` returns at once, so no count ever travels to the host.
+A tensor folded as (B*T, C, H, W) (``n = b*T + t``) is addressed with the whole list;
+a frame's (B, C, H, W) slice with ``tiles.select(t)`` (``n = b``).
+
+Kernels (each beside its plain-PyTorch reference)
+-------------------------------------------------
+* :func:`sparse_binary_conv2d` — the packed binary convolution of
+  :mod:`~bimatting_triton.kernels.binary_conv` (same accumulator and fused epilogue code,
+  shared ``@triton.jit`` helpers) over the active tiles only, writing into
+  ``epilogue.out`` there and nowhere else; the halo of a 3x3 is read from the dense
+  packed input. With ``epilogue.mask`` / ``addend = out`` it is the masked unit.
+* :func:`sparse_float_conv2d` — a float KxK convolution (``tl.dot``, IEEE fp32 or fp64)
+  with per-channel scale/shift (folded BatchNorm), activation and the mask stage over
+  the active tiles: decode0's float 3x3 conv inside its masked branch.
+* :func:`sparse_unit` — the whole masked unit ``unit3x3 * m + unit1x1`` (dense 1x1
+  launch + sparse 3x3 launch); :func:`sparse_unit_reference` is the dense computation.
+
+Counting: :meth:`TileList.computed_pixels` / :meth:`TileList.density` and
+:func:`skipped_bops` give the work actually skipped (device tensors; reading them syncs).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import hardware_popcount, interpreting, triton_can_run
+from .binary_conv import (
+    METHODS,
+    Epilogue,
+    PackedWeight,
+    _check_conv_args,
+    _prepare,
+    _residual_args,
+    apply_activation,
+    apply_mask,
+    binary_conv2d,
+    binary_conv2d_reference,
+    conv_accumulate,
+    epilogue_flags,
+    epilogue_values,
+    mask_args,
+)
+from .pack import PackedActivation
+
+__all__ = [
+    "TileList",
+    "default_tile",
+    "active_tiles",
+    "active_tiles_reference",
+    "sparse_binary_conv2d",
+    "sparse_binary_conv2d_reference",
+    "sparse_float_conv2d",
+    "sparse_float_conv2d_reference",
+    "sparse_unit",
+    "sparse_unit_reference",
+    "skipped_bops",
+]
+
+CUDA_TILE = (8, 8)
+INTERPRETER_TILE = (16, 16)  # the interpreter pays per program: fewer, bigger tiles
+
+
+def default_tile() -> tuple[int, int]:
+    """Tile (TH, TW) used when none is given: 8x8 on CUDA, 16x16 under the interpreter."""
+    return INTERPRETER_TILE if interpreting() else CUDA_TILE
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------------
+# Active-tile list
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileList:
+    """Active tiles of a (B, T, 1, H, W) mask, one row per frame (layout in the module docstring).
+
+    ``index``, ``flags``: int32 (G, L) with ``L = items * tiles_h * tiles_w``; ``count``:
+    int32 (G,). ``items``: B. ``size``: (H, W) of the masked output. ``tile``: (TH, TW).
+    ``halo``: pixels by which a tile was grown when testing the mask (1 for the input of
+    a following 3x3 conv). G is T for a whole-clip list, 1 after :meth:`select`.
+    """
+
+    index: Tensor
+    count: Tensor
+    flags: Tensor
+    items: int
+    size: tuple[int, int]
+    tile: tuple[int, int]
+    halo: int = 0
+
+    def __post_init__(self):
+        g, cap = self.flags.shape if self.flags.dim() == 2 else (None, None)
+        ok = (
+            g is not None and self.index.shape == self.flags.shape and self.count.shape == (g,)
+            and all(t.dtype == torch.int32 for t in (self.index, self.count, self.flags))
+            and cap == self.items * self.tiles_per_item
+        )
+        if not ok:
+            raise ValueError(
+                "TileList: index and flags must be int32 (G, items * tiles_h * tiles_w) and count int32 (G,), got "
+                f"{tuple(self.index.shape)}, {tuple(self.flags.shape)}, {tuple(self.count.shape)}"
+            )
+
+    @property
+    def groups(self) -> int:
+        """G: frames (rows) of the list."""
+        return self.flags.shape[0]
+
+    @property
+    def tiles_h(self) -> int:
+        return -(-self.size[0] // self.tile[0])
+
+    @property
+    def tiles_w(self) -> int:
+        return -(-self.size[1] // self.tile[1])
+
+    @property
+    def tiles_per_item(self) -> int:
+        return self.tiles_h * self.tiles_w
+
+    @property
+    def capacity(self) -> int:
+        """L: tiles per frame row (the launch grid of the sparse kernels)."""
+        return self.flags.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.flags.device
+
+    def select(self, t: int) -> "TileList":
+        """The list of frame ``t`` alone (G = 1), for (B, C, H, W) tensors of that frame."""
+        if not 0 <= t < self.groups:
+            raise IndexError(f"frame {t} out of range for a tile list of {self.groups} frames")
+        return dataclasses.replace(
+            self, index=self.index[t : t + 1], count=self.count[t : t + 1], flags=self.flags[t : t + 1]
+        )
+
+    def coverage(self) -> Tensor:
+        """Bool (items * G, 1, H, W) in folded order (``n = b*G + g``): pixels of active tiles."""
+        th, tw = self.tile
+        f = self.flags.reshape(self.groups, self.items, self.tiles_h, self.tiles_w).transpose(0, 1)
+        f = f.reshape(-1, self.tiles_h, self.tiles_w).bool()
+        f = f.repeat_interleave(th, dim=1).repeat_interleave(tw, dim=2)
+        return f[:, None, : self.size[0], : self.size[1]]
+
+    def computed_pixels(self) -> Tensor:
+        """int64 scalar tensor: in-image output pixels of the active tiles (over all items and frames)."""
+        return (self.flags.reshape(self.groups, self.items, self.tiles_h, self.tiles_w).to(torch.int64)
+                * _tile_pixels(self).to(self.device)).sum()
+
+    def total_pixels(self) -> int:
+        return self.groups * self.items * self.size[0] * self.size[1]
+
+    def density(self) -> Tensor:
+        """float64 scalar tensor: computed pixels / all pixels (the fraction of the dense work done)."""
+        return self.computed_pixels().to(torch.float64) / max(self.total_pixels(), 1)
+
+
+def _tile_pixels(tiles: TileList) -> Tensor:
+    """int64 (tiles_h, tiles_w): in-image pixels of each tile position (edge tiles are partial)."""
+    (h, w), (th, tw) = tiles.size, tiles.tile
+    rows = (h - torch.arange(tiles.tiles_h) * th).clamp(max=th)
+    cols = (w - torch.arange(tiles.tiles_w) * tw).clamp(max=tw)
+    return rows[:, None] * cols[None, :]
+
+
+def _as_clip_mask(mask) -> Tensor:
+    """(B, T, 1, H, W) view of a (B, T, 1, H, W) or (N, 1, H, W) mask."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() == 4:
+        mask = mask.unsqueeze(1)
+    if mask.dim() != 5 or mask.shape[2] != 1 or not mask.is_floating_point():
+        raise ValueError(f"mask must be a float (B, T, 1, H, W) or (N, 1, H, W) tensor, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    return mask
+
+
+def _check_tile(tile, halo) -> tuple[int, int]:
+    ok = (isinstance(tile, tuple) and len(tile) == 2 and all(isinstance(v, int) and v > 0 for v in tile)
+          and all(v & (v - 1) == 0 for v in tile) and tile[0] * tile[1] >= 16)
+    if not ok:
+        raise ValueError(f"tile must be (TH, TW), powers of two with TH * TW >= 16, got {tile!r}")
+    if not (isinstance(halo, int) and halo >= 0):
+        raise ValueError(f"halo must be a non-negative int, got {halo!r}")
+    return tile
+
+
+def active_tiles_reference(mask: Tensor, tile: tuple[int, int] | None = None, halo: int = 0) -> TileList:
+    """Plain-PyTorch :func:`active_tiles`: (mask != 0), grown by ``halo`` (max-pool), tile max-pool,
+    cumsum positions and a scatter; the unused ``index`` entries are -1."""
+    mask = _as_clip_mask(mask)
+    tile = _check_tile(tile or default_tile(), halo)
+    b, t, _, h, w = mask.shape
+    th, tw = tile
+    nz = (mask != 0).transpose(0, 1).reshape(t * b, 1, h, w).float()  # frames first
+    if halo:
+        nz = F.max_pool2d(nz, 2 * halo + 1, stride=1, padding=halo)
+    nth, ntw = -(-h // th), -(-w // tw)
+    nz = F.pad(nz, (0, ntw * tw - w, 0, nth * th - h))
+    flags = nz.reshape(t, b, nth, th, ntw, tw).amax(dim=(3, 5)).reshape(t, -1).to(torch.int32)
+    pos = flags.cumsum(1) - 1
+    cap = flags.shape[1]
+    index = torch.full((t, cap + 1), -1, dtype=torch.int64, device=mask.device)
+    slot = torch.where(flags.bool(), pos, torch.full_like(pos, cap)).to(torch.int64)
+    index.scatter_(1, slot, torch.arange(cap, device=mask.device).expand(t, cap).clone())
+    count = flags.sum(1, dtype=torch.int32)
+    return TileList(index[:, :cap].to(torch.int32).contiguous(), count, flags.contiguous(), b, (h, w), tile, halo)
+
+
+@triton.jit
+def _tile_flags_kernel(
+    m_ptr, m_sb, m_st, m_sh, m_sw,  # mask (B, T, 1, H, W), any strides
+    flags_ptr,  # int32 (T, L)
+    H, W, L, TPI, TILES_W,
+    TH: tl.constexpr, TW: tl.constexpr, HALO: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+):
+    # Lanes: BT tiles x BQ pixels of the tile grown by HALO on each side.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    e = pid * BT + tl.arange(0, BT)
+    e_ok = e < L
+    b = e // TPI
+    r = e % TPI
+    ty = r // TILES_W
+    tx = r % TILES_W
+    q = tl.arange(0, BQ)  # pixel of the grown tile, row-major with rows of TW + 2 * HALO
+    q_ok = q < (TH + 2 * HALO) * (TW + 2 * HALO)
+    py = ty[:, None] * TH - HALO + (q // (TW + 2 * HALO))[None, :]
+    px = tx[:, None] * TW - HALO + (q % (TW + 2 * HALO))[None, :]
+    ok = e_ok[:, None] & q_ok[None, :] & (py >= 0) & (py < H) & (px >= 0) & (px < W)
+    off = b.to(tl.int64)[:, None] * m_sb + g.to(tl.int64) * m_st + py.to(tl.int64) * m_sh + px.to(tl.int64) * m_sw
+    v = tl.load(m_ptr + off, mask=ok, other=0.0)
+    flag = tl.max(((v != 0) & ok).to(tl.int32), axis=1)  # NaN counts as set
+    tl.store(flags_ptr + g * L + e, flag, mask=e_ok)
+
+
+@triton.jit
+def _compact_kernel(flags_ptr, index_ptr, count_ptr, L, BLOCK: tl.constexpr):
+    # One program per frame: stream compaction of the flags row by a running prefix sum.
+    g = tl.program_id(0)
+    row = g.to(tl.int64) * L
+    running = tl.sum(tl.zeros((BLOCK,), dtype=tl.int32), axis=0)
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < L
+        f = tl.load(flags_ptr + row + offs, mask=ok, other=0)
+        pos = running + tl.cumsum(f, axis=0) - 1
+        tl.store(index_ptr + row + pos, offs, mask=ok & (f != 0))
+        running += tl.sum(f, axis=0)
+    tl.store(count_ptr + g, running)
+
+
+def active_tiles(mask: Tensor, tile: tuple[int, int] | None = None, halo: int = 0) -> TileList:
+    """The active tiles of ``mask``: tiles holding a pixel with ``mask != 0`` (NaN included).
+
+    ``mask``: float (B, T, 1, H, W) or (N, 1, H, W) (read as T = 1), any strides: the
+    level's resized incoherence mask, per batch item and frame. ``tile``: (TH, TW) output
+    pixels, powers of two (default :func:`default_tile`). ``halo``: grow each tile by this
+    many pixels before testing (a tile is then active when any pixel within ``halo``
+    of it is set: the input tiles a following 3x3 conv needs). Returns a
+    :class:`TileList`; built by two Triton launches and no host sync where Triton runs,
+    else by :func:`active_tiles_reference` (identical lists; unused ``index`` entries
+    differ: never read).
+    """
+    mask = _as_clip_mask(mask)
+    tile = _check_tile(tile or default_tile(), halo)
+    if not triton_can_run(mask):
+        return active_tiles_reference(mask, tile, halo)
+    if interpreting() and mask.dtype == torch.bfloat16:
+        mask = mask.float()
+    b, t, _, h, w = mask.shape
+    th, tw = tile
+    nth, ntw = -(-h // th), -(-w // tw)
+    cap = b * nth * ntw
+    dev = mask.device
+    flags = torch.empty((t, cap), dtype=torch.int32, device=dev)
+    index = torch.empty((t, cap), dtype=torch.int32, device=dev)
+    count = torch.empty((t,), dtype=torch.int32, device=dev)
+    if cap > 0 and t > 0:
+        bq = _pow2((th + 2 * halo) * (tw + 2 * halo))  # lanes per tile
+        budget = 16384 if interpreting() else 4096  # lanes per program
+        bt = 1 << (max(budget // bq, 1).bit_length() - 1)  # tiles per program, a power of two
+        sb, st, _, sh, sw = mask.stride()
+        _tile_flags_kernel[(triton.cdiv(cap, bt), t)](
+            mask, sb, st, sh, sw, flags, h, w, cap, nth * ntw, ntw, TH=th, TW=tw, HALO=halo, BT=bt, BQ=bq
+        )
+        block = min(_pow2(cap), 4096)
+        _compact_kernel[(t,)](flags, index, count, cap, BLOCK=block)
+    else:
+        count.zero_()
+    return TileList(index, count, flags, b, (h, w), tile, halo)
+
+
+def _check_tiles(tiles, n: int, ho: int, wo: int, device) -> None:
+    if not isinstance(tiles, TileList):
+        raise TypeError(f"tiles must be a TileList (see active_tiles), got {type(tiles).__name__}")
+    if tiles.items * tiles.groups != n or tiles.size != (ho, wo):
+        raise ValueError(
+            f"tiles cover {tiles.items} items x {tiles.groups} frames of size {tiles.size}, but the output is "
+            f"(N={n}, {ho}, {wo}); use the whole list for B*T folded frames and tiles.select(t) for one frame"
+        )
+    if tiles.device != device:
+        raise ValueError(f"tiles are on {tiles.device}, the tensors on {device}")
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse packed binary convolution
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(tiles_ptr, count_ptr, L, TPI, TILES_W, G, HO, WO, TH: tl.constexpr, TW: tl.constexpr):
+    """(active, n_img, oh, ow, m_ok) of this program's tile: program (i, g) takes entry i of row g."""
+    i = tl.program_id(0)
+    g = tl.program_id(1)
+    active = i < tl.load(count_ptr + g)
+    e = tl.load(tiles_ptr + g.to(tl.int64) * L + i, mask=active, other=0)
+    item = e // TPI
+    r = e % TPI
+    n_img = item * G + g  # folded (B*G) order: n = b*G + g
+    p = tl.arange(0, TH * TW)
+    oh = (r // TILES_W) * TH + p // TW
+    ow = (r % TILES_W) * TW + p % TW
+    m_ok = (oh < HO) & (ow < WO)
+    return active, n_img, oh, ow, m_ok
+
+
+@triton.jit
+def _sparse_conv_kernel(
+    tiles_ptr, count_ptr, L, TPI, TILES_W, G,  # tile list row g: index (G, L), count (G,)
+    x_ptr, w_ptr, H, W, HO, WO, CW, COUT,
+    scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr,
+    r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,
+    r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,
+    m_ptr, m_sn, m_sh, m_sw,
+    a_ptr, a_sn, a_sc, a_sh, a_sw,
+    y_ptr, y_sn, y_sc, y_sh, y_sw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    METHOD: tl.constexpr, HW_POPC: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, R1_MODE: tl.constexpr, HAS_BA: tl.constexpr, ACT: tl.constexpr,
+    HAS_BB: tl.constexpr, R2_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    # The dense kernel's implicit GEMM with its BM pixel rows replaced by one TH x TW tile
+    # of the list; programs past the frame's count return at once (no host sync).
+    active, n_img, oh, ow, m_ok = _tile_coords(tiles_ptr, count_ptr, L, TPI, TILES_W, G, HO, WO, TH, TW)
+    if active:
+        pid_n = tl.program_id(2)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < COUT
+        acc = conv_accumulate(x_ptr, w_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
+                              KH, KW, STRIDE, PAD, METHOD, HW_POPC, TH * TW, BN, BK)
+        mask = m_ok[:, None] & n_ok[None, :]
+        n64 = n_img.to(tl.int64)
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
+        y = epilogue_values(
+            acc, offs_n, n_ok, mask, n64, oh64, ow64, scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr,
+            r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,
+            r2_ptr, r2_sn, r2_sc, r2_sh, r2_sw, R2H, R2W, R2C,
+            HAS_SHIFT, R1_MODE, HAS_BA, ACT, HAS_BB, R2_MODE,
+        )
+        y_out = apply_mask(y.to(y_ptr.dtype.element_ty), m_ptr, m_sn, m_sh, m_sw, a_ptr, a_sn, a_sc, a_sh, a_sw,
+                           n64, oh64, ow64, offs_n, mask, MASK_MODE)
+        y_off = (n64 * y_sn + oh64 * y_sh + ow64 * y_sw)[:, None] + (offs_n.to(tl.int64) * y_sc)[None, :]
+        tl.store(y_ptr + y_off, y_out, mask=mask)
+
+
+def _sparse_configs(method: int) -> list:
+    if method == 0:
+        shapes = [(16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 128, 8)]
+        return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=3) for n, k, w in shapes]
+    shapes = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8)]
+    return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=2) for n, k, w in shapes]
+
+
+_SPARSE_KEY = ["COUT", "CW", "KH", "KW", "STRIDE", "TH", "TW", "ACT", "MASK_MODE"]
+_SPARSE_TUNED = {}
+
+
+def _sparse_launcher(method: int, block, cout: int, cin_pad: int):
+    if block is not None:
+        return _sparse_conv_kernel, dict(BN=block[0], BK=block[1])
+    if interpreting():
+        return _sparse_conv_kernel, dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
+    if method not in _SPARSE_TUNED:
+        # restore_value: the output is read-modify-written (addend = out): every trial
+        # run of the autotuner must start from the same output.
+        _SPARSE_TUNED[method] = triton.autotune(
+            configs=_sparse_configs(method), key=_SPARSE_KEY, restore_value=["y_ptr"]
+        )(_sparse_conv_kernel)
+    return _SPARSE_TUNED[method], {}
+
+
+def _check_sparse_epilogue(epilogue) -> None:
+    if not isinstance(epilogue, Epilogue):
+        raise TypeError(f"epilogue must be an Epilogue, got {type(epilogue).__name__}")
+    if epilogue.out is None:
+        raise ValueError("epilogue.out is required: the sparse conv writes the active tiles of an existing output")
+    if epilogue.pack or not epilogue.store_float:
+        raise ValueError("the sparse conv stores floats only (epilogue.pack=False, store_float=True)")
+
+
+def sparse_binary_conv2d_reference(
+    x: PackedActivation, weight: PackedWeight, epilogue: Epilogue, tiles: TileList
+) -> Tensor:
+    """Plain PyTorch: the dense :func:`binary_conv2d_reference` with the epilogue (mask stage
+    included), copied into ``epilogue.out`` on the active tiles only. Returns ``epilogue.out``."""
+    n, _, _, _, ho, wo = _check_conv_args(x, weight)
+    _check_sparse_epilogue(epilogue)
+    _check_tiles(tiles, n, ho, wo, x.device)
+    out = epilogue.out
+    dense = binary_conv2d_reference(
+        x, weight, dataclasses.replace(epilogue, out=None, out_dtype=epilogue.out_dtype or out.dtype)
+    ).y  # reads the addend (possibly ``out``) before anything is written
+    out.copy_(torch.where(tiles.coverage(), dense, out))
+    return out
+
+
+def sparse_binary_conv2d(
+    x: PackedActivation,
+    weight: PackedWeight,
+    epilogue: Epilogue,
+    tiles: TileList,
+    *,
+    method: str = "auto",
+    block: tuple[int, int] | None = None,
+) -> Tensor:
+    """Packed binary conv + fused epilogue computed only on the active tiles of ``tiles``.
+
+    ``x``: :class:`PackedActivation` (N, Cin, H, W), dense (the halo of a tile is read
+    from it). ``weight``: :class:`PackedWeight`. ``epilogue``: an :class:`Epilogue` with
+    ``out`` (N, Cout, Ho, Wo) given (any strides): on the active tiles it receives the
+    epilogue's result, elsewhere it is left untouched; ``pack`` is not supported. For the
+    decoder's masked unit pass ``mask`` (N, 1, Ho, Wo) and ``addend=out`` holding the 1x1
+    branch: ``out = y3 * mask + out`` on the tiles (see :func:`sparse_unit`).
+    ``tiles``: a :class:`TileList` of size (Ho, Wo) whose items x frames is N (folded
+    ``n = b*G + g``). ``method``: as :func:`binary_conv2d`. ``block``: optional (BN, BK)
+    (powers of two, BN >= 16, BK >= 32); the pixel tile is the list's. Returns ``out``.
+    Triton on CUDA or under ``TRITON_INTERPRET=1``; elsewhere the reference.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if block is not None:
+        ok = (isinstance(block, tuple) and len(block) == 2 and all(isinstance(v, int) and v > 0 for v in block)
+              and all(v & (v - 1) == 0 for v in block) and block[0] >= 16 and block[1] >= 32)
+        if not ok:
+            raise ValueError(f"block must be (BN, BK): powers of two, BN >= 16, BK >= 32; got {block!r}")
+    n, _, h, w, ho, wo = _check_conv_args(x, weight)
+    _check_sparse_epilogue(epilogue)
+    _check_tiles(tiles, n, ho, wo, x.device)
+    cout = weight.out_channels
+    p = _prepare(epilogue, n, cout, ho, wo, x.device)
+    if not triton_can_run(x.bits) or (interpreting() and p.out_dtype == torch.bfloat16):
+        return sparse_binary_conv2d_reference(x, weight, epilogue, tiles)
+    y = p.out
+    if tiles.capacity == 0 or tiles.groups == 0:
+        return y
+    code = 1 if method == "popcount" else 0
+    dummy = p.scale
+    vectors = tuple(v if v is not None else dummy for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b))
+    margs, aargs, mode = mask_args(p.mask, p.addend, dummy)
+    kernel, config = _sparse_launcher(code, block, cout, x.words * 32)
+    kh, kw = weight.kernel_size
+    th, tw = tiles.tile
+
+    def grid(meta):
+        return (tiles.capacity, tiles.groups, triton.cdiv(cout, meta["BN"]))
+
+    kernel[grid](
+        tiles.index, tiles.count, tiles.capacity, tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
+        x.bits, weight.int8 if code == 0 else weight.bits, h, w, ho, wo, x.words, cout,
+        *vectors, *_residual_args(p.residual, dummy), *_residual_args(p.post_residual, dummy),
+        *margs, *aargs, y, *y.stride(),
+        KH=kh, KW=kw, STRIDE=weight.stride, PAD=weight.padding, METHOD=code, HW_POPC=hardware_popcount(x.bits),
+        **epilogue_flags(p), MASK_MODE=mode, TH=th, TW=tw, **config,
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------------
+# The masked unit: dense 1x1 branch + sparse 3x3 branch
+# ----------------------------------------------------------------------------------------
+def _check_unit_epilogue(epi, name: str) -> None:
+    if not isinstance(epi, Epilogue):
+        raise TypeError(f"{name} must be an Epilogue, got {type(epi).__name__}")
+    if epi.out is not None or epi.mask is not None or epi.addend is not None or epi.pack:
+        raise ValueError(f"{name}: out, mask, addend and pack are set by the unit; leave them unset")
+
+
+def sparse_unit(
+    x3: PackedActivation,
+    w3: PackedWeight,
+    epi3: Epilogue,
+    x1: PackedActivation,
+    w1: PackedWeight,
+    epi1: Epilogue,
+    mask: Tensor,
+    tiles: TileList,
+    *,
+    method: str = "auto",
+) -> Tensor:
+    """The decoder's masked unit ``unit3x3(x) * mask + unit1x1(x)``, the 3x3 only on active tiles.
+
+    ``x3`` / ``x1``: the unit input packed with each branch's own LearnableBias (N, Cin,
+    H, W); ``w3`` / ``w1``: 3x3 and 1x1 :class:`PackedWeight` (same Cout, stride 1);
+    ``epi3`` / ``epi1``: their epilogues (BN/bias/LB/activation, e.g. the GRU gates'
+    ``act='sigmoid'``), without ``out``/``mask``/``addend``/``pack``. ``mask``: float
+    (N, 1, H, W), the level's mask; ``tiles``: its :class:`TileList` (``halo=0`` suffices).
+    Returns (N, Cout, H, W) (channels-last) of ``epi1``'s output dtype: the 1x1 branch
+    everywhere, ``y3 * mask + y1`` on the active tiles. Equal to
+    :func:`sparse_unit_reference` wherever ``mask == 0`` exactly, elsewhere up to rounding.
+    """
+    _check_unit_epilogue(epi3, "epi3")
+    _check_unit_epilogue(epi1, "epi1")
+    y1 = binary_conv2d(x1, w1, epi1, method=method).y
+    epi = dataclasses.replace(epi3, out=y1, out_dtype=y1.dtype, mask=mask, addend=y1)
+    return sparse_binary_conv2d(x3, w3, epi, tiles, method=method)
+
+
+def sparse_unit_reference(
+    x3: PackedActivation, w3: PackedWeight, epi3: Epilogue, x1: PackedActivation, w1: PackedWeight,
+    epi1: Epilogue, mask: Tensor,
+) -> Tensor:
+    """Plain PyTorch, dense: ``binary_conv2d_reference(x3, w3, epi3) * mask + binary_conv2d_reference(x1, w1, epi1)``
+    (the product and sum in ``epi1``'s output dtype, as the network does)."""
+    _check_unit_epilogue(epi3, "epi3")
+    _check_unit_epilogue(epi1, "epi1")
+    y1 = binary_conv2d_reference(x1, w1, epi1).y
+    y3 = binary_conv2d_reference(x3, w3, epi3).y
+    return y3.to(y1.dtype) * mask.to(y1.dtype) + y1
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse float convolution (decode0's 16 -> 16 3x3 inside the masked branch)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _sparse_float_conv_kernel(
+    tiles_ptr, count_ptr, L, TPI, TILES_W, G,
+    x_ptr, x_sn, x_sc, x_sh, x_sw,  # float (N, CIN, H, W), any strides
+    w_ptr,  # (KH, KW, CIN, COUT) contiguous, x's dtype
+    H, W, CIN, COUT,
+    scale_ptr, shift_ptr, slope_ptr,  # (COUT,) compute dtype
+    m_ptr, m_sn, m_sh, m_sw,
+    a_ptr, a_sn, a_sc, a_sh, a_sw,
+    y_ptr, y_sn, y_sc, y_sh, y_sw,
+    KH: tl.constexpr, KW: tl.constexpr, PAD: tl.constexpr, IS_F64: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, MASK_MODE: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+):
+    # Stride-1 "same" float conv of one tile: one (TH*TW, BC) x (BC, BC) IEEE dot per tap.
+    active, n_img, oh, ow, m_ok = _tile_coords(tiles_ptr, count_ptr, L, TPI, TILES_W, G, H, W, TH, TW)
+    if active:
+        offs_c = tl.arange(0, BC)
+        ci_ok = offs_c < CIN
+        co_ok = offs_c < COUT
+        n64 = n_img.to(tl.int64)
+        if IS_F64:
+            acc = tl.zeros((TH * TW, BC), dtype=tl.float64)
+        else:
+            acc = tl.zeros((TH * TW, BC), dtype=tl.float32)
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                ih = oh - PAD + kh
+                iw = ow - PAD + kw
+                inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # zero padding
+                x_off = (n64 * x_sn + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw)[:, None]
+                xv = tl.load(x_ptr + x_off + (offs_c.to(tl.int64) * x_sc)[None, :],
+                             mask=inside[:, None] & ci_ok[None, :], other=0.0)
+                w_off = ((kh * KW + kw) * CIN + offs_c)[:, None] * COUT + offs_c[None, :]
+                wv = tl.load(w_ptr + w_off, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+                acc = tl.dot(xv, wv, acc, input_precision="ieee")
+        mask = m_ok[:, None] & co_ok[None, :]
+        scale = tl.load(scale_ptr + offs_c, mask=co_ok, other=0.0)
+        y = acc.to(scale.dtype) * scale[None, :]
+        if HAS_SHIFT:
+            y = y + tl.load(shift_ptr + offs_c, mask=co_ok, other=0.0)[None, :]
+        y = apply_activation(y, slope_ptr, offs_c, co_ok, ACT)
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
+        y_out = apply_mask(y.to(y_ptr.dtype.element_ty), m_ptr, m_sn, m_sh, m_sw, a_ptr, a_sn, a_sc, a_sh, a_sw,
+                           n64, oh64, ow64, offs_c, mask, MASK_MODE)
+        y_off = (n64 * y_sn + oh64 * y_sh + ow64 * y_sw)[:, None] + (offs_c.to(tl.int64) * y_sc)[None, :]
+        tl.store(y_ptr + y_off, y_out, mask=mask)
+
+
+_FLOAT_ACTS = (None, "relu", "sigmoid", "tanh")
+_FLOAT_ACT_CODE = {None: 0, "relu": 2, "sigmoid": 3, "tanh": 4}
+
+
+def _check_float_conv_args(x, weight, scale, shift, act, out, mask, addend, tiles):
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a float (N, Cin, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    n, cin, h, w = x.shape
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[1] != cin \
+            or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"weight must be a (Cout, {cin}, K, K) tensor with K odd, got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    cout = weight.shape[0]
+    if max(cin, cout) > 128:
+        raise ValueError(f"sparse_float_conv2d supports up to 128 channels, got {cin} -> {cout}")
+    if not isinstance(scale, Tensor) or scale.numel() != cout or scale.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"scale must be a float32/float64 tensor of {cout} elements (the compute dtype)")
+    if shift is not None and (not isinstance(shift, Tensor) or shift.numel() != cout):
+        raise ValueError(f"shift must have {cout} elements")
+    if act not in _FLOAT_ACTS:
+        raise ValueError(f"act must be one of {_FLOAT_ACTS}, got {act!r}")
+    if not isinstance(out, Tensor) or tuple(out.shape) != (n, cout, h, w) or not out.is_floating_point():
+        raise ValueError(f"out must be a float tensor of shape {(n, cout, h, w)}, got "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    if mask is None and addend is not None:
+        raise ValueError("addend is only used with a mask (y * mask + addend)")
+    if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (n, 1, h, w)):
+        raise ValueError(f"mask must be a float tensor of shape {(n, 1, h, w)}")
+    if addend is not None and (not isinstance(addend, Tensor) or tuple(addend.shape) != (n, cout, h, w)):
+        raise ValueError(f"addend must be a float tensor of shape {(n, cout, h, w)}")
+    for name, t in (("weight", weight), ("scale", scale), ("out", out), ("mask", mask), ("addend", addend)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    _check_tiles(tiles, n, h, w, x.device)
+
+
+def sparse_float_conv2d_reference(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor | None, act: str | None, out: Tensor,
+    tiles: TileList, mask: Tensor | None = None, addend: Tensor | None = None,
+) -> Tensor:
+    """Plain PyTorch: ``F.conv2d`` (zero padding K//2) in the compute dtype, then ``* scale + shift``,
+    ``act``, the cast to ``out.dtype`` and ``* mask + addend``, copied into ``out`` on the tiles."""
+    _check_float_conv_args(x, weight, scale, shift, act, out, mask, addend, tiles)
+    cd = scale.dtype
+    cout = weight.shape[0]
+    y = F.conv2d(x.to(cd), weight.to(cd), padding=weight.shape[2] // 2) * scale.reshape(1, cout, 1, 1).to(cd)
+    if shift is not None:
+        y = y + shift.reshape(1, cout, 1, 1).to(cd)
+    y = {None: lambda v: v, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act](y)
+    y = y.to(out.dtype)
+    if mask is not None:
+        y = y * mask.to(out.dtype)
+        if addend is not None:
+            y = y + addend.to(out.dtype)
+    out.copy_(torch.where(tiles.coverage(), y, out))
+    return out
+
+
+def sparse_float_conv2d(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor | None, act: str | None, out: Tensor,
+    tiles: TileList, mask: Tensor | None = None, addend: Tensor | None = None,
+) -> Tensor:
+    """Float KxK conv (stride 1, zero padding K//2, no bias) + ``* scale + shift`` + ``act``
+    (+ ``* mask + addend``), computed only on the active tiles and written into ``out`` there.
+
+    ``x``: float (N, Cin, H, W), any strides; read densely around each tile, so the
+    pixels within K//2 of an active tile must hold the conv's real input (build the
+    producer's list with ``halo = K//2``); elsewhere any finite values. ``weight``:
+    (Cout, Cin, K, K), Cin, Cout <= 128. ``scale``/``shift``: (Cout,) (folded BatchNorm),
+    float32 or float64: the compute dtype. ``act``: None, 'relu', 'sigmoid', 'tanh'.
+    ``out``: (N, Cout, H, W), any strides; ``mask`` (N, 1, H, W) and ``addend`` (N, Cout,
+    H, W) (may be ``out``) as in :class:`Epilogue`. The dot runs in IEEE float32 (x
+    float32/float16) or float64 (x float64). Returns ``out``.
+    """
+    _check_float_conv_args(x, weight, scale, shift, act, out, mask, addend, tiles)
+    if not triton_can_run(x) or (interpreting() and torch.bfloat16 in (x.dtype, out.dtype)):
+        return sparse_float_conv2d_reference(x, weight, scale, shift, act, out, tiles, mask, addend)
+    n, cin, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[2]
+    if tiles.capacity == 0 or tiles.groups == 0:
+        return out
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    wk = weight.detach().permute(2, 3, 1, 0).to(x.dtype).contiguous()  # (K, K, Cin, Cout)
+    dummy = scale
+    shift_arg = shift.reshape(cout).to(scale.dtype).contiguous() if shift is not None else dummy
+    margs, aargs, mode = mask_args(mask, addend, dummy)
+    th, tw = tiles.tile
+    _sparse_float_conv_kernel[(tiles.capacity, tiles.groups)](
+        tiles.index, tiles.count, tiles.capacity, tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
+        x, *x.stride(), wk, h, w, cin, cout, scale.reshape(cout).contiguous(), shift_arg, dummy,
+        *margs, *aargs, out, *out.stride(),
+        KH=k, KW=k, PAD=k // 2, IS_F64=x.dtype == torch.float64, HAS_SHIFT=shift is not None,
+        ACT=_FLOAT_ACT_CODE[act], MASK_MODE=mode, TH=th, TW=tw, BC=max(16, _pow2(max(cin, cout))),
+        num_warps=4,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------
+def skipped_bops(tiles: TileList, in_channels: int, out_channels: int, kernel_size: int = 3) -> Tensor:
+    """Binary operations skipped by running a KxK ``in -> out`` binary conv on ``tiles`` only.
+
+    BOPs are counted as the profiler does (one per binary multiply-accumulate of the
+    BiConv2d, logical channels, no padding to 32): ``(all output pixels - computed
+    pixels) * in * K * K * out``, over every item and frame of the list. Returns an
+    int64 scalar tensor on the list's device (``int()`` of it syncs).
+    """
+    per_pixel = int(in_channels) * int(kernel_size) ** 2 * int(out_channels)
+    return (tiles.total_pixels() - tiles.computed_pixels()) * per_pixel
