@@ -454,6 +454,27 @@ def densities_from_mask(mask: Tensor, size: tuple[int, int], downsample_ratio: f
     return {block: float((_resize(m, sizes[block]) > 0).to(torch.float32).mean()) for block in SPARSE_BLOCKS}
 
 
+def tile_densities_from_mask(
+    mask: Tensor, size: tuple[int, int], downsample_ratio: float = 1.0, tile: tuple[int, int] | None = None
+) -> dict[str, float]:
+    """Like :func:`densities_from_mask`, but the fraction of pixels the sparse kernels compute.
+
+    The fused decoder (``bimatting_triton.fuse_decoder``) runs its masked 3x3 units on
+    whole tiles (``kernels.sparse_unit.active_tiles``, default tile size) that hold any
+    pixel with a non-zero mask, so the work done is the pixels of those tiles, which is
+    at least the pixel density. decode0's binary unit also computes a 1-pixel halo for
+    its float 3x3 conv; its density here is that of the float conv, which dominates it.
+    """
+    from .kernels.sparse_unit import active_tiles_reference
+
+    if mask.ndim not in (4, 5) or mask.shape[-3] != 1:
+        raise ValueError(f"mask: expected (N, 1, h, w) or (B, T, 1, h, w), got shape {tuple(mask.shape)}")
+    m = mask.reshape(-1, 1, *mask.shape[-2:]).to(torch.float32)
+    sizes = level_sizes(size, downsample_ratio)
+    return {block: float(active_tiles_reference(_resize(m, sizes[block]), tile).density())
+            for block in SPARSE_BLOCKS}
+
+
 def mask_densities(model: nn.Module, src: Tensor, downsample_ratio: float = 1.0) -> dict[str, float]:
     """Measured density of BiMatting's incoherence mask at each sparse decoder level.
 

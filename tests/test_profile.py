@@ -214,3 +214,20 @@ def test_auto_downsample_ratio_is_rvms():
 def test_bad_arguments_are_named(bimatting, kwargs, word):
     with pytest.raises(ValueError, match=word):
         profile(bimatting, **kwargs)
+
+
+def test_tile_densities_cover_the_pixel_densities():
+    """Whole tiles are computed: their density is >= the pixel density, 0 and 1 at the ends."""
+    from bimatting_triton.profile import densities_from_mask, tile_densities_from_mask
+
+    size, ratio = (288, 512), 1.0
+    mask = torch.zeros(2, 1, 18, 32)
+    mask[0, :, 5, 7] = 1  # one coarse pixel: a few tiles per level
+    mask[1, :, 10:14, 20:30] = 1
+    pixels = densities_from_mask(mask, size, ratio)
+    tiles = tile_densities_from_mask(mask, size, ratio, tile=(8, 8))
+    assert set(tiles) == set(pixels)
+    for level in pixels:
+        assert 0 < pixels[level] <= tiles[level] < 1
+    assert all(v == 0 for v in tile_densities_from_mask(torch.zeros(1, 1, 18, 32), size, ratio).values())
+    assert all(v == 1 for v in tile_densities_from_mask(torch.ones(1, 1, 18, 32), size, ratio).values())
