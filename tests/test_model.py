@@ -150,8 +150,14 @@ def test_bad_inputs_name_the_argument(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(variant="mobilenetv3"), "variant="),
     (dict(refiner="unknown"), "refiner="),
-    (dict(pretrained_backbone=True), "pretrained_backbone"),
 ])
 def test_constructor_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BiMatting(**kwargs)
+
+
+def test_pretrained_backbone_is_accepted_with_a_warning():
+    """RVM's training script passes pretrained_backbone=True; there are no such weights here."""
+    with pytest.warns(UserWarning, match="no pretrained binary backbone"):
+        model = BiMatting(pretrained_backbone=True)
+    assert isinstance(model, BiMatting)

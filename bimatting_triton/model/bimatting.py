@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +59,13 @@ class BiMatting(nn.Module):
         if refiner not in REFINERS:
             raise ValueError(f"refiner={refiner!r}: expected one of {sorted(REFINERS)}")
         if pretrained_backbone:
-            raise ValueError(
-                "pretrained_backbone=True: no pretrained binary backbone can be downloaded; "
-                "load a full checkpoint with BiMatting.from_pretrained(path) instead"
+            # RVM's training script passes pretrained_backbone=True: accept it, but say clearly
+            # that there is nothing to download (a binary backbone has no ImageNet weights here).
+            warnings.warn(
+                "pretrained_backbone=True: no pretrained binary backbone is available, the backbone starts "
+                "from random weights; load a full checkpoint with BiMatting.from_pretrained(path) to start "
+                "from trained ones",
+                stacklevel=2,
             )
         self.refiner_name = refiner
         self.backbone = BinaryBackbone()
