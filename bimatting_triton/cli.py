@@ -188,7 +188,8 @@ class _UsageError(Exception):
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    # Handled as a Ctrl-C, so that convert_video stops at a safe point (see video.pipeline).
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:

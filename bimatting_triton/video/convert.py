@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .pipeline import ReaderThread, WriterThread
+from .pipeline import Interrupts, ReaderThread, WriterThread
 from .readers import IMAGE_EXTENSIONS, open_source, read_image
 from .writers import ImageSequenceWriter, ImageWriter, VideoWriter, check_encoder, video_format
 
@@ -242,7 +242,18 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
         _check_output_path(name, path, input_source, folder)
 
     # ---- input (opened and checked), model, background
-    source = open_source(input_source, input_resize, num_workers, frame_rate)
+    with Interrupts() as interrupts:  # Ctrl-C raised at safe points only (see pipeline)
+        return _run(model, input_source, source_args=(input_resize, num_workers, frame_rate), outputs=outputs,
+                    output_type=output_type, downsample_ratio=downsample_ratio, output_video_mbps=output_video_mbps,
+                    seq_chunk=seq_chunk, progress=progress, device=device, dtype=dtype, background=background,
+                    audio=audio, interrupts=interrupts)
+
+
+def _run(model, input_source: str, *, source_args, outputs: dict[str, str], output_type: str, downsample_ratio,
+         output_video_mbps, seq_chunk: int, progress: bool, device, dtype, background, audio: bool,
+         interrupts: Interrupts) -> int:
+    """The streaming part of :func:`convert_video`, arguments already checked."""
+    source = open_source(input_source, *source_args)
     writers: dict[str, object] = {}
     reader = None
     sinks: dict[str, WriterThread] = {}
@@ -284,8 +295,9 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
             return write
 
         # ---- stream: decode (thread) -> model (here) -> encode (a thread per output)
-        reader = ReaderThread(source, maxsize=2 * seq_chunk + 2)
-        sinks = {name: WriterThread(encoder(writer), maxsize=2) for name, writer in writers.items()}
+        reader = ReaderThread(source, maxsize=2 * seq_chunk + 2, interrupts=interrupts)
+        sinks = {name: WriterThread(encoder(writer), maxsize=2, interrupts=interrupts)
+                 for name, writer in writers.items()}
         total = source.estimated_frames
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True,
                    desc=os.path.basename(input_source.rstrip(os.sep)) or input_source)
@@ -316,6 +328,7 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
             sink.finish()
         if count == 0:
             raise ValueError(f"input_source {input_source!r} has no frames")
+        interrupts.check()  # last chance: nothing is renamed after a Ctrl-C
         for writer in writers.values():
             writer.close()
         return count

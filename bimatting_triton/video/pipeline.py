@@ -8,14 +8,20 @@ scales and encodes, so the threads really overlap. An exception on a helper
 thread is re-raised on the main thread;
 stopping (an error or Ctrl-C on the main thread) is prompt because every blocking
 ``put`` wakes up regularly to check a stop flag.
+
+Ctrl-C is taken as a flag (:class:`Interrupts`) and raised as ``KeyboardInterrupt``
+only at safe points of the main thread: Python raises it wherever the main thread
+is, also between a ``queue.Queue`` lock's acquire and release, which can leave the
+lock held and hang the helper threads (seen in tests under load).
 """
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from typing import Callable, Iterable
 
-__all__ = ["ReaderThread", "WriterThread"]
+__all__ = ["Interrupts", "ReaderThread", "WriterThread"]
 
 _END = object()
 _POLL_S = 0.1
@@ -26,9 +32,55 @@ class _Failure:
         self.error = error
 
 
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put ``item`` unless ``stop`` is set first; returns whether it was put."""
+class Interrupts:
+    """Ctrl-C (SIGINT) as a flag that :meth:`check` raises as ``KeyboardInterrupt``.
+
+    A context manager: while active, on the main thread and where SIGINT still has
+    Python's default handler, the signal only sets the flag; a second Ctrl-C raises at
+    once. Elsewhere (another thread, a custom handler) it changes nothing, and
+    :meth:`check` only reports a flag set by someone calling :meth:`interrupt`.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> "Interrupts":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        if self._event.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: at once
+        self._event.set()
+
+    def interrupt(self) -> None:
+        """Ask for a stop at the next :meth:`check` (what a Ctrl-C does)."""
+        self._event.set()
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if a stop was asked for."""
+        if self._event.is_set():
+            raise KeyboardInterrupt
+
+
+_NO_INTERRUPTS = Interrupts()  # never entered, never set: check() is a no-op
+
+
+def _put(q: queue.Queue, item, stop: threading.Event, interrupts: Interrupts = _NO_INTERRUPTS) -> bool:
+    """Put ``item`` unless ``stop`` is set first; returns whether it was put.
+
+    On the main thread ``interrupts`` is checked between attempts."""
     while not stop.is_set():
+        interrupts.check()
         try:
             q.put(item, timeout=_POLL_S)
             return True
@@ -45,8 +97,9 @@ class ReaderThread:
     the thread (closing the source's iterator there, on its own thread) and waits.
     """
 
-    def __init__(self, source: Iterable, maxsize: int):
+    def __init__(self, source: Iterable, maxsize: int, interrupts: Interrupts = _NO_INTERRUPTS):
         self._source = source
+        self._interrupts = interrupts
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self._stop = threading.Event()
         self._done = False
@@ -73,7 +126,13 @@ class ReaderThread:
     def __next__(self):
         if self._done:
             raise StopIteration
-        item = self._queue.get()
+        while True:
+            self._interrupts.check()
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                continue
         if item is _END:
             self._done = True
             raise StopIteration
@@ -99,8 +158,9 @@ class WriterThread:
     thread and is re-raised by the next :meth:`put` or by :meth:`finish`.
     """
 
-    def __init__(self, write: Callable[[object], None], maxsize: int = 2):
+    def __init__(self, write: Callable[[object], None], maxsize: int = 2, interrupts: Interrupts = _NO_INTERRUPTS):
         self._write = write
+        self._interrupts = interrupts
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -128,14 +188,16 @@ class WriterThread:
     def put(self, item) -> None:
         """Queue ``item`` for writing (blocks while the queue is full)."""
         self._raise_error()
-        if not _put(self._queue, item, self._stop):
+        if not _put(self._queue, item, self._stop, self._interrupts):
             self._raise_error()
             raise RuntimeError("the writer thread has stopped")
 
     def finish(self) -> None:
         """Wait until everything queued is written; re-raise the writer's exception if any."""
         self.put(_END)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._interrupts.check()
+            self._thread.join(_POLL_S)
         self._raise_error()
 
     def abort(self) -> None:
