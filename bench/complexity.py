@@ -141,7 +141,7 @@ def format_summary(s: dict) -> str:
         f"-> {s['ops_ratio_dense']:.2f}x fewer",
         f"       sparse ({s['density_source']}: {dens}) {s['bimatting_ops_sparse'] / 1e6:.1f} M "
         f"-> {s['ops_ratio_sparse']:.2f}x fewer",
-        *([f"       computed by the tile-sparse kernels (whole 8x8 tiles: "
+        *(["       computed by the tile-sparse kernels (whole 8x8 tiles: "
            + ", ".join(f"{k} {v:.3f}" for k, v in s["density_tiles"].items())
            + f") {s['bimatting_ops_sparse_tiles'] / 1e6:.1f} M -> {s['ops_ratio_sparse_tiles']:.2f}x fewer"]
           if "density_tiles" in s else []),

@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-from bimatting_triton import BiMatting
 from bimatting_triton.fuse import BinaryConvUnit, FusedBackbone, FusedSequential, convert
 from bimatting_triton.nn import BiConv2d, BinaryActivation, LearnableBias
 

@@ -40,26 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model.common import Projection, per_frame
+
 __all__ = ["RVMMobileNetV3", "MobileNetV3LargeEncoder", "LRASPP", "RecurrentDecoder", "DeepGuidedFilterRefiner"]
 
 # ImageNet statistics, applied inside the backbone (RVM feeds [0, 1] images).
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
-
-
-def _per_frame(fn: Callable[..., Tensor], *xs: Tensor):
-    """Call ``fn`` on 4-D tensors, folding T into the batch for 5-D ones.
-
-    All ``xs`` share the same leading dims: (N, C, H, W) or (B, T, C, H, W). Returns
-    ``fn``'s output (a tensor or a tuple of tensors) with (B, T) restored when folded.
-    """
-    if xs[0].ndim == 4:
-        return fn(*xs)
-    b, t = xs[0].shape[:2]
-    out = fn(*(x.flatten(0, 1) for x in xs))
-    if isinstance(out, Tensor):
-        return out.unflatten(0, (b, t))
-    return tuple(o.unflatten(0, (b, t)) for o in out)
 
 
 def _conv_bn_act(
@@ -195,7 +182,7 @@ class MobileNetV3LargeEncoder(nn.Module):
         return tuple(feats)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _per_frame(self.forward_single_frame, x)
+        return per_frame(self.forward_single_frame, x)
 
 
 class LRASPP(nn.Module):
@@ -214,7 +201,7 @@ class LRASPP(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return _per_frame(lambda v: self.aspp1(v) * self.aspp2(v), x)
+        return per_frame(lambda v: self.aspp1(v) * self.aspp2(v), x)
 
 
 class ConvGRU(nn.Module):
@@ -289,7 +276,7 @@ class UpsamplingBlock(nn.Module):
         return self.conv(torch.cat([_upsample_to(x, s), f, s], dim=1))
 
     def forward(self, x: Tensor, f: Tensor, s: Tensor, r: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        x = _per_frame(self._fuse, x, f, s)
+        x = per_frame(self._fuse, x, f, s)
         a, b = x.split(self.out_channels // 2, dim=-3)
         b, r = self.gru(b, r)
         return torch.cat([a, b], dim=-3), r
@@ -310,7 +297,7 @@ class OutputBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        return _per_frame(lambda xv, sv: self.conv(torch.cat([_upsample_to(xv, sv), sv], dim=1)), x, s)
+        return per_frame(lambda xv, sv: self.conv(torch.cat([_upsample_to(xv, sv), sv], dim=1)), x, s)
 
 
 class RecurrentDecoder(nn.Module):
@@ -332,9 +319,9 @@ class RecurrentDecoder(nn.Module):
     def _pyramid(s0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """s1, s2, s3: s0 average-pooled by 2, 4, 8 (2x2 windows, ceil mode, no padding counted)."""
         pool = lambda v: F.avg_pool2d(v, 2, 2, ceil_mode=True, count_include_pad=False)  # noqa: E731
-        s1 = _per_frame(pool, s0)
-        s2 = _per_frame(pool, s1)
-        s3 = _per_frame(pool, s2)
+        s1 = per_frame(pool, s0)
+        s2 = per_frame(pool, s1)
+        s3 = per_frame(pool, s2)
         return s1, s2, s3
 
     def forward(self, s0, f1, f2, f3, f4, r1=None, r2=None, r3=None, r4=None):
@@ -345,17 +332,6 @@ class RecurrentDecoder(nn.Module):
         x1, r1 = self.decode1(x2, f1, s1, r1)
         x0 = self.decode0(x1, s0)
         return x0, r1, r2, r3, r4
-
-
-class Projection(nn.Module):
-    """1x1 conv with bias on (.., Cin, H, W) -> (.., Cout, H, W) (key ``conv``)."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _per_frame(self.conv, x)
 
 
 class DeepGuidedFilterRefiner(nn.Module):
@@ -400,7 +376,7 @@ class DeepGuidedFilterRefiner(nn.Module):
         return out[:, :3], out[:, 3:]
 
     def forward(self, fine_src, base_src, base_fgr, base_pha, base_hid):
-        return _per_frame(self._single, fine_src, base_src, base_fgr, base_pha, base_hid)
+        return per_frame(self._single, fine_src, base_src, base_fgr, base_pha, base_hid)
 
 
 class RVMMobileNetV3(nn.Module):
@@ -447,7 +423,7 @@ class RVMMobileNetV3(nn.Module):
         if not 0 < downsample_ratio <= 1:
             raise ValueError(f"downsample_ratio: expected a value in (0, 1], got {downsample_ratio}")
         if downsample_ratio != 1:
-            src_sm = _per_frame(
+            src_sm = per_frame(
                 lambda v: F.interpolate(
                     v, scale_factor=downsample_ratio, mode="bilinear", align_corners=False, recompute_scale_factor=False
                 ),

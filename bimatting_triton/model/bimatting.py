@@ -11,23 +11,12 @@ from torch import Tensor, nn
 from ..checkpoint import load_into, read_state_dict
 from .aspp import BiLRASPP
 from .backbone import BinaryBackbone
-from .common import per_frame, resize
+from .common import Projection, per_frame, resize
 from .decoder import BiRecurrentDecoder
 from .refiner import BiDeepGuidedFilterRefiner, FastGuidedFilterRefiner
 
 REFINERS = {"deep_guided_filter": BiDeepGuidedFilterRefiner, "fast_guided_filter": FastGuidedFilterRefiner}
 VARIANTS = ("bimatting",)
-
-
-class Projection(nn.Module):
-    """Float 1x1 conv head (``project_mat``: 16 -> 4, ``project_seg``: 16 -> 1), per frame."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return per_frame(self.conv, x)
 
 
 class BiMatting(nn.Module):

@@ -9,17 +9,34 @@ from torch import Tensor, nn
 from ..nn import BiConv2d, BinaryActivation, LearnableBias
 
 
-def per_frame(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Apply a per-frame function to (B, T, C, H, W) by folding T into the batch.
+def per_frame(fn: Callable[..., Tensor | tuple[Tensor, ...]], *xs: Tensor):
+    """Apply a per-frame function to (B, T, C, H, W) tensors by folding T into the batch.
 
-    4-D inputs (N, C, H, W) are passed through unchanged; 5-D inputs are flattened
-    to (B*T, C, H, W), mapped, and unflattened to (B, T, C', H', W').
+    All ``xs`` share their leading dims. 4-D inputs (N, C, H, W) are passed through
+    unchanged; 5-D inputs are flattened to (B*T, C, H, W), mapped, and ``fn``'s output
+    (a tensor or a tuple of tensors) unflattened to (B, T, ...).
     """
-    if x.ndim == 5:
-        b, t = x.shape[:2]
-        y = fn(x.flatten(0, 1))
-        return y.unflatten(0, (b, t))
-    return fn(x)
+    if xs[0].ndim != 5:
+        return fn(*xs)
+    b, t = xs[0].shape[:2]
+    out = fn(*(x.flatten(0, 1) for x in xs))
+    if isinstance(out, Tensor):
+        return out.unflatten(0, (b, t))
+    return tuple(o.unflatten(0, (b, t)) for o in out)
+
+
+class Projection(nn.Module):
+    """Float 1x1 conv head with bias, per frame (``project_mat``: 16 -> 4, ``project_seg``: 16 -> 1).
+
+    (.., Cin, H, W) -> (.., Cout, H, W); state_dict key ``conv`` (as RVM's and BiMatting's).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return per_frame(self.conv, x)
 
 
 def resize(x: Tensor, size: tuple[int, int]) -> Tensor:

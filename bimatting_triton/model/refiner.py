@@ -12,16 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import LearnableBias
-from .common import binary_unit, resize
+from .common import binary_unit, per_frame, resize
 
 
 def _with_gray(x: Tensor) -> Tensor:
     """(N, 3, H, W) -> (N, 4, H, W): RGB plus their mean as a fourth guide channel."""
     return torch.cat([x, x.mean(dim=1, keepdim=True)], dim=1)
-
-
-def _flat(*xs: Tensor) -> list[Tensor]:
-    return [x.flatten(0, 1) for x in xs]
 
 
 class BiDeepGuidedFilterRefiner(nn.Module):
@@ -63,9 +59,7 @@ class BiDeepGuidedFilterRefiner(nn.Module):
         return out[:, :3], out[:, 3:]
 
     def forward(self, fine_src, base_src, base_fgr, base_pha, base_hid) -> tuple[Tensor, Tensor]:
-        b, t = fine_src.shape[:2]
-        fgr, pha = self.forward_single_frame(*_flat(fine_src, base_src, base_fgr, base_pha, base_hid))
-        return fgr.unflatten(0, (b, t)), pha.unflatten(0, (b, t))
+        return per_frame(self.forward_single_frame, fine_src, base_src, base_fgr, base_pha, base_hid)
 
 
 class FastGuidedFilterRefiner(nn.Module):
@@ -93,6 +87,4 @@ class FastGuidedFilterRefiner(nn.Module):
         return out[:, :3], out[:, 3:]
 
     def forward(self, fine_src, base_src, base_fgr, base_pha, base_hid=None) -> tuple[Tensor, Tensor]:
-        b, t = fine_src.shape[:2]
-        fgr, pha = self.forward_single_frame(*_flat(fine_src, base_src, base_fgr, base_pha))
-        return fgr.unflatten(0, (b, t)), pha.unflatten(0, (b, t))
+        return per_frame(self.forward_single_frame, fine_src, base_src, base_fgr, base_pha)
