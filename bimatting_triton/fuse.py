@@ -298,11 +298,6 @@ class FusedBackbone(nn.Module):
         return f1, f2, f3, f4
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
     """A fused copy of ``model`` (or ``model`` itself with ``inplace=True``), in eval mode.
 
@@ -345,7 +340,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
             except ValueError as err:
                 raise ValueError(f"convert: {name}: {err}") from None
         if new is not None:
-            _replace(fused, name, new.eval())
+            fused.set_submodule(name, new.eval())
             done.append(name)
     from .fuse_generic import PackedBiConv2d, replace_remaining_binary_convs  # imports this module
 

@@ -77,9 +77,7 @@ def replace_remaining_binary_convs(model: nn.Module, backend: str = "auto") -> l
         if not packable(module):
             left.append(name)
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedBiConv2d(module, backend).eval())
+        model.set_submodule(name, PackedBiConv2d(module, backend).eval())
     if left:
         warnings.warn(
             f"convert: binary convs {left} are grouped or dilated, which the packed kernel does not "

@@ -137,12 +137,6 @@ def _replacement(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def swap_modules(model: nn.Module, *, inplace: bool = True, filter_fn: FilterFn | None = None) -> SwapReport:
     """Replace BiMatting-style binary layers of ``model`` by bimatting_triton's modules.
 
@@ -165,7 +159,7 @@ def swap_modules(model: nn.Module, *, inplace: bool = True, filter_fn: FilterFn 
         if new is None:
             continue
         new.train(module.training)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         report.swapped.append((name, type(module).__name__, type(new).__name__))
     return report
 
@@ -227,6 +221,6 @@ def binarize_(model: nn.Module, filter_fn: FilterFn | None = None) -> SwapReport
         )
         new.weight, new.bias = conv.weight, conv.bias
         new.train(conv.training)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         report.swapped.append((name, "Conv2d", "SignInputBiConv2d"))
     return report
