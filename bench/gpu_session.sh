@@ -1,25 +1,54 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one call (see the device tool):
-#   bash bench/gpu_session.sh            # writes its outputs under $OUT (or ./gpu-results)
+#   bash bench/gpu_session.sh [STEP ...]   # outputs under $OUT (or ./gpu-results)
+# STEPs (default: all, in this order): tests kernels throughput profile sparse.
 # The GPU image has torch + triton but no PyAV, so the package is installed without its
-# dependencies and only the GPU-relevant tests run. Record the figures in bench/RESULTS.md
-# with the device name and date.
+# dependencies and only the GPU-relevant tests run. Every step has its own time limit and
+# the whole script keeps inside BUDGET_S seconds (default 540), so one device call (10 min
+# at most) always returns what was measured. Record the figures in bench/RESULTS.md with the
+# device name and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-{ nvidia-smi; python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+export PYTHONUNBUFFERED=1
+deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests kernels throughput profile sparse)
+
+# run STEP_LIMIT_S LOG CMD...: run with the smaller of its own limit and what is left.
+run() {
+  local limit=$1 log=$2; shift 2
+  local left=$(( deadline - $(date +%s) ))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "skipped (time budget spent): $*" | tee -a "$out/$log"; return; fi
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >> "$out/$log" 2>&1
+  local rc=$?
+  echo "[$(( $(date +%s) - t0 )) s, rc=$rc] $*"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   > "$out/device.txt" 2>&1
-pip install -q --no-deps -e . > "$out/install.log" 2>&1
+cat "$out/device.txt"
+pip install -q --no-deps -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 
-# The same tests as on CPU, with the kernels compiled for the GPU.
-BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider \
-  tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_model.py \
-  tests/test_packed.py > "$out/tests.log" 2>&1
-echo "tests: $(tail -1 "$out/tests.log")"
-
-python bench/throughput.py --json > "$out/throughput.json" 2> "$out/throughput.err"
-python bench/throughput.py --sizes 1920x1080@0.25 --profile > "$out/throughput_profile.txt" 2>&1
-python bench/sparse.py > "$out/sparse.txt" 2>&1
-python bench/kernels.py -- --benchmark-json "$out/kernels.json" > "$out/kernels.txt" 2>&1
-echo "done: $(ls "$out")"
+for step in "${steps[@]}"; do
+  case $step in
+    tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
+      run 200 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
+        tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py
+      tail -3 "$out/tests.log" ;;
+    kernels)
+      run 150 kernels.txt python bench/kernels.py -- --benchmark-json "$out/kernels.json" ;;
+    throughput)
+      run 240 throughput.json python bench/throughput.py --json ;;
+    profile)
+      run 90 profile.txt python bench/throughput.py --sizes 1920x1080@0.25 --frames 1 --variants bimatting-fused --profile ;;
+    sparse)
+      run 90 sparse.txt python bench/sparse.py ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "outputs: $(ls "$out")"
