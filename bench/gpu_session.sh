@@ -32,7 +32,9 @@ run() {
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   > "$out/device.txt" 2>&1
 cat "$out/device.txt"
-pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
+  && (cd /tmp && python -c "import bimatting_triton.kernels") >> "$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; exit 1; }
 
 for step in "${steps[@]}"; do
   case $step in
