@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# Compiled kernels survive between device calls when the session carries .triton-cache
+# (the script leaves it as $out/triton_cache.tgz; unpack it into .triton-cache here).
+export TRITON_CACHE_DIR="$PWD/.triton-cache"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests kernels throughput profile sparse)
@@ -23,29 +26,33 @@ run() {
   (( left < limit )) && limit=$left
   if (( limit < 20 )); then echo "skipped (time budget spent): $*" | tee -a "$out/$log"; return; fi
   local t0=$(date +%s)
-  timeout "$limit" "$@" >> "$out/$log" 2>&1
+  # SIGINT first: pytest then still prints its summary of failures.
+  timeout -s INT -k 20 "$limit" "$@" >> "$out/$log" 2>&1
   local rc=$?
   echo "[$(( $(date +%s) - t0 )) s, rc=$rc] $*"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
-  > "$out/device.txt" 2>&1
-cat "$out/device.txt"
-python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 \
-  && (cd /tmp && python -c "import bimatting_triton.kernels") >> "$out/install.log" 2>&1 \
-  || { cat "$out/install.log"; exit 1; }
+  > "$out/setup.log" 2>&1
+cat "$out/setup.log"
+python -m pip install -q --no-deps --no-build-isolation -e . >> "$out/setup.log" 2>&1 \
+  && (cd /tmp && python -c "import bimatting_triton.kernels") >> "$out/setup.log" 2>&1 \
+  || { cat "$out/setup.log"; exit 1; }
 
 for step in "${steps[@]}"; do
   case $step in
     tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
-      run 200 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
+      run 200 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
+        --tb=short -rfE \
         tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py
-      tail -3 "$out/tests.log" ;;
+      grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
     kernels)
-      run 150 kernels.txt python bench/kernels.py -- --benchmark-json "$out/kernels.json" ;;
+      run 150 kernels.txt python bench/kernels.py -- --benchmark-json "$out/kernels.json"
+      tail -2 "$out/kernels.txt" ;;
     throughput)
-      run 240 throughput.json python bench/throughput.py --json ;;
+      run 240 throughput.txt python bench/throughput.py
+      grep -v "^  " "$out/throughput.txt" | tail -40 ;;
     profile)
       run 90 profile.txt python bench/throughput.py --sizes 1920x1080@0.25 --frames 1 --variants bimatting-fused --profile ;;
     sparse)
@@ -53,4 +60,5 @@ for step in "${steps[@]}"; do
     *) echo "unknown step $step" ;;
   esac
 done
+[ -d .triton-cache ] && tar czf "$out/triton_cache.tgz" -C .triton-cache . && du -h "$out/triton_cache.tgz"
 echo "outputs: $(ls "$out")"

@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                 m = run_variant(model, dtype_or_reason, setting, device, args.warmup, args.repeats)
                 m.variant, m.notes = name, [dtype_or_reason, *notes]
                 results.append(m)
+                # Progress on stderr (stdout stays the table or the JSON): long runs show what they did.
+                print(f"  {name} {setting.label}: {m.ms_per_frame:.2f} ms/frame", file=sys.stderr, flush=True)
         if args.profile and model is not None and not profiles:
             w, h, r = args.sizes[0]
             profiles.append(f"[{name}] " + profile_stages(model, Setting(w, h, r, args.batch, frames[0]), device,

@@ -20,12 +20,27 @@ try:  # The dispatching libdevice stubs (triton >= 3.0); only used on CUDA.
 except ImportError:  # pragma: no cover - depends on the installed triton
     libdevice = None
 
-__all__ = ["interpreting", "triton_can_run", "hardware_popcount", "popcount32"]
+__all__ = ["interpreting", "autotuning", "pow2", "triton_can_run", "hardware_popcount", "popcount32"]
 
 
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set to a true value (kernels run on the CPU)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def autotuning() -> bool:
+    """True when ``BIMATTING_AUTOTUNE=1``: the conv kernels autotune their tiles on CUDA.
+
+    Off by default: every distinct layer (shape, epilogue flags) would compile and time all
+    configs, minutes of start-up for the whole model; the default is one heuristic tile
+    per layer shape (see the kernels' ``_heuristic_config``).
+    """
+    return os.environ.get("BIMATTING_AUTOTUNE", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def triton_can_run(tensor: torch.Tensor) -> bool:

@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from ._common import hardware_popcount, interpreting, popcount32, triton_can_run
+from ._common import autotuning, hardware_popcount, interpreting, popcount32, pow2, triton_can_run
 from .pack import WORD_BITS, PackedActivation, pack_values, sign_pack_reference, unpack_values, words_for
 
 __all__ = [
@@ -780,12 +780,25 @@ _TUNED = {}
 _RESTORE = ["y_ptr"]
 
 
-def _launcher(method: int, block: tuple[int, int, int] | None):
-    """The kernel to launch: ``block`` if given, one fixed config under the interpreter, else autotuned."""
+def _heuristic_config(method: int, m: int, cout: int, cin_pad: int) -> dict:
+    """One tile per layer shape (CUDA, no autotuning): big tiles where there are many pixels."""
+    bn = 128 if cout >= 128 else 64 if cout >= 64 else 32
+    if method == 0:
+        bm = 128 if m >= 32768 else 64
+        bk = min(128, max(32, pow2(cin_pad)))
+        return dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 16384 else 4, num_stages=3)
+    return dict(BM=64, BN=min(bn, 64), BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)
+
+
+def _launcher(method: int, block: tuple[int, int, int] | None, m: int = 1, cout: int = 1, cin_pad: int = 32):
+    """The kernel to launch and its tile: ``block`` if given, one fixed tile under the
+    interpreter, autotuned with ``BIMATTING_AUTOTUNE=1``, else a heuristic tile."""
     if block is not None:
         return _binary_conv_kernel, dict(BM=block[0], BN=block[1], BK=block[2])
     if interpreting():
         return _binary_conv_kernel, _INTERPRETER_CONFIG
+    if not autotuning():
+        return _binary_conv_kernel, _heuristic_config(method, m, cout, cin_pad)
     if method not in _TUNED:
         _TUNED[method] = triton.autotune(configs=_cuda_configs(method), key=_KEY, restore_value=_RESTORE)(
             _binary_conv_kernel
@@ -913,7 +926,7 @@ def binary_conv2d(
         else:
             pbits = dummy
     if m > 0:
-        kernel, config = _launcher(code, block)
+        kernel, config = _launcher(code, block, m, cout, x.words * 32)
         w_arg = weight.int8 if code == 0 else weight.bits
 
         def grid(meta):

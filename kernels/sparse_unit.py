@@ -63,7 +63,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import hardware_popcount, interpreting, triton_can_run
+from ._common import autotuning, hardware_popcount, interpreting, triton_can_run
+from ._common import pow2 as _pow2
 from .binary_conv import (
     METHODS,
     Epilogue,
@@ -103,10 +104,6 @@ INTERPRETER_TILE = (16, 16)  # the interpreter pays per program: fewer, bigger t
 def default_tile() -> tuple[int, int]:
     """Tile (TH, TW) used when none is given: 8x8 on CUDA, 16x16 under the interpreter."""
     return INTERPRETER_TILE if interpreting() else CUDA_TILE
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(int(v) - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------------------
@@ -424,6 +421,12 @@ def _sparse_launcher(method: int, block, cout: int, cin_pad: int):
         return _sparse_conv_kernel, dict(BN=block[0], BK=block[1])
     if interpreting():
         return _sparse_conv_kernel, dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
+    if not autotuning():  # one heuristic tile per layer shape (see kernels/_common.autotuning)
+        if method == 0:
+            return _sparse_conv_kernel, dict(BN=min(128, max(16, _pow2(cout))), BK=min(128, max(32, _pow2(cin_pad))),
+                                             num_warps=4, num_stages=3)
+        return _sparse_conv_kernel, dict(BN=min(64, max(16, _pow2(cout))), BK=min(64, max(32, _pow2(cin_pad))),
+                                         num_warps=4, num_stages=2)
     if method not in _SPARSE_TUNED:
         # restore_value: the output is read-modify-written (addend = out): every trial
         # run of the autotuner must start from the same output.
