@@ -613,7 +613,10 @@ def _sparse_float_conv_kernel(
                              mask=inside[:, None] & ci_ok[None, :], other=0.0)
                 w_off = ((kh * KW + kw) * CIN + offs_c)[:, None] * COUT + offs_c[None, :]
                 wv = tl.load(w_ptr + w_off, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-                acc = tl.dot(xv, wv, acc, input_precision="ieee")
+                if IS_F64:  # out_dtype spelled out: triton 3.6 defaults it to float32
+                    acc = tl.dot(xv, wv, acc, input_precision="ieee", out_dtype=tl.float64)
+                else:
+                    acc = tl.dot(xv, wv, acc, input_precision="ieee", out_dtype=tl.float32)
         mask = m_ok[:, None] & co_ok[None, :]
         scale = tl.load(scale_ptr + offs_c, mask=co_ok, other=0.0)
         y = acc.to(scale.dtype) * scale[None, :]
