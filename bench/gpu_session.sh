@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The golden data: ../shared does not travel to the device machine; carry a copy as
+# .gpu-shared/reference (cp -r ../shared/reference .gpu-shared/, carry=[".gpu-shared"]).
+[ -d .gpu-shared/reference ] && export BIMATTING_REFERENCE_DIR="$PWD/.gpu-shared/reference"
 # Compiled kernels are shared by the steps' processes (the first fused step compiles them).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))

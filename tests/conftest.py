@@ -14,7 +14,10 @@ if not os.environ.get("BIMATTING_TEST_CUDA"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+# ../shared/reference beside the checkout; BIMATTING_REFERENCE_DIR overrides it (e.g. a copy
+# carried to a GPU machine, where ../shared does not travel).
+REFERENCE_DIR = os.environ.get("BIMATTING_REFERENCE_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "reference")
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +25,8 @@ def reference_dir() -> str:
     """Path of ``../shared/reference`` (the golden data and the state_dict layout)."""
     path = os.path.abspath(REFERENCE_DIR)
     if not os.path.isdir(path):
-        pytest.fail(f"reference data not found at {path}: ../shared must sit beside the checkout")
+        pytest.fail(f"reference data not found at {path}: ../shared must sit beside the checkout "
+                    "(or set BIMATTING_REFERENCE_DIR)")
     return path
 
 
