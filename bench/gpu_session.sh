@@ -51,14 +51,15 @@ for step in "${steps[@]}"; do
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
     kernels)
       run 90 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-3x3s1}" --benchmark-json "$out/kernels.json"
-      tail -2 "$out/kernels.txt" ;;
+      grep -A60 "^median µs per call" "$out/kernels.txt" | cut -c1-160 ;;
     throughput)  # the float baselines first (fast), then the fused model (compiles its kernels)
       run 90 throughput_float.txt python bench/throughput.py --variants rvm-fp16,rvm-fp32,bimatting-plain
       grep -v "^  " "$out/throughput_float.txt" | tail -30
       run 150 throughput_fused.txt python bench/throughput.py --variants bimatting-fused --sizes 512x288@1,1920x1080@0.25
       grep -v "^  " "$out/throughput_fused.txt" | tail -12 ;;
     profile)
-      run 70 profile.txt python bench/throughput.py --sizes 512x288@1 --frames 1 --variants bimatting-fused --profile ;;
+      run 70 profile.txt python bench/throughput.py --sizes 512x288@1 --frames 1 --variants bimatting-fused --profile
+      grep -B2 -A40 "^\[bimatting-fused\] stage" "$out/profile.txt" | cut -c1-160 | head -45 ;;
     sparse)
       run 90 sparse.txt python bench/sparse.py ;;
     *) echo "unknown step $step" ;;

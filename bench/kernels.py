@@ -10,18 +10,25 @@ For each shape, one benchmark group compares:
 * ``packed-dot``       our packed binary conv, int8 ``tl.dot`` inner loop, fused epilogue
                        (alpha/BN scale+shift), float16 output;
 * ``packed-popcount``  the same with the AND/XOR + popcount inner loop;
+* ``packed-dot-tuned`` the same, autotuned over the kernel's CUDA configs
+                       (``BIMATTING_AUTOTUNE=1``); the chosen tile goes to ``extra_info``,
+                       next to the default heuristic tile of ``packed-dot``;
 * ``cudnn-fp16``       ``F.conv2d`` in float16 (cuDNN) on the same shape, channels-last,
                        with the BN folded into its bias (the float model's equivalent);
 * ``sign-pack``        packing the float16 input to bits (the cost our conv pays once
                        per layer input, usually fused into the previous epilogue).
 
 The Triton kernels need CUDA: on a machine without it every benchmark is skipped with
-that reason (this file is not part of the test suite; see bench/RESULTS.md).
+that reason (this file is not part of the test suite; see bench/RESULTS.md). With
+``--benchmark-json FILE`` the run ends with a compact table per shape (medians in µs and
+cuDNN fp16 / packed ratios), :func:`summarize`.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections import defaultdict
 
 import pytest
 import torch
@@ -96,10 +103,29 @@ def _timed(benchmark, fn):
 def test_packed_conv(benchmark, shape, method):
     from bimatting_triton.kernels.binary_conv import binary_conv2d
 
+    from bimatting_triton.kernels.binary_conv import _heuristic_config
+
     _, packed_x, packed_w, epilogue, _, _ = _inputs(shape)
     benchmark.group = _ids(shape)
     benchmark.name = f"packed-{method}"
+    cin, cout, h, w, k, s = shape
+    m = ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
+    benchmark.extra_info["config"] = str(_heuristic_config(0 if method == "dot" else 1, m, cout, packed_x.words * 32))
     _timed(benchmark, lambda: binary_conv2d(packed_x, packed_w, epilogue, method=method))
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=[_ids(s) for s in SHAPES])
+def test_packed_conv_autotuned(benchmark, shape, monkeypatch):
+    from bimatting_triton.kernels import binary_conv
+
+    monkeypatch.setenv("BIMATTING_AUTOTUNE", "1")
+    _, packed_x, packed_w, epilogue, _, _ = _inputs(shape)
+    benchmark.group = _ids(shape)
+    benchmark.name = "packed-dot-tuned"
+    _timed(benchmark, lambda: binary_conv.binary_conv2d(packed_x, packed_w, epilogue, method="dot"))
+    tuner = binary_conv._TUNED.get(0)
+    benchmark.extra_info["config"] = str(getattr(tuner, "best_config", None))
 
 
 @needs_cuda
@@ -124,6 +150,25 @@ def test_sign_pack(benchmark, shape):
     _timed(benchmark, lambda: sign_pack(x))
 
 
+SUMMARY_COLUMNS = ("cudnn-fp16", "packed-dot", "packed-dot-tuned", "packed-popcount", "sign-pack")
+
+
+def summarize(report: dict) -> str:
+    """A pytest-benchmark JSON report -> one line per layer shape: median µs of each
+    variant and cuDNN fp16 time / packed time (> 1: the packed conv is faster)."""
+    medians: dict[str, dict[str, float]] = defaultdict(dict)
+    for b in report.get("benchmarks", []):
+        medians[b["group"]][b["name"]] = 1e6 * b["stats"]["median"]
+    head = f"{'layer (k x k s, cin to cout, W x H)':<34}" + "".join(f"{c:>17}" for c in SUMMARY_COLUMNS)
+    lines = ["median µs per call; ratios are cuDNN fp16 / packed", head + f"{'cudnn/dot':>10}{'cudnn/tuned':>12}"]
+    for group, row in medians.items():
+        cells = "".join(f"{row[c]:17.1f}" if c in row else f"{'-':>17}" for c in SUMMARY_COLUMNS)
+        ratio = [f"{row['cudnn-fp16'] / row[c]:.2f}x" if "cudnn-fp16" in row and c in row else "-"
+                 for c in ("packed-dot", "packed-dot-tuned")]
+        lines.append(f"{group:<34}{cells}{ratio[0]:>10}{ratio[1]:>12}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     args = list(argv)
     if "--size" in args:
@@ -133,8 +178,15 @@ def main(argv: list[str]) -> int:
     extra = args[args.index("--") + 1 :] if "--" in args else []
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device; the Triton kernels and cuDNN fp16 need one, nothing to measure.")
-    return pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
-                        "--benchmark-group-by=group", "--benchmark-columns=min,median,max,ops", *extra])
+    rc = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+                      "--benchmark-group-by=group", "--benchmark-columns=min,median,max,ops", *extra])
+    json_path = next((a.split("=", 1)[1] for a in extra if a.startswith("--benchmark-json=")), None)
+    if json_path is None and "--benchmark-json" in extra:
+        json_path = extra[extra.index("--benchmark-json") + 1]
+    if json_path and os.path.exists(json_path) and os.path.getsize(json_path):
+        with open(json_path) as f:
+            print(summarize(json.load(f)))
+    return rc
 
 
 if __name__ == "__main__":

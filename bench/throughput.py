@@ -213,6 +213,12 @@ def profile_stages(model, setting: Setting, device: torch.device, dtype_name: st
         lines.append(f"  {s:<10} {1e3 * totals[s]:9.2f}  ({100 * totals[s] / total:5.1f} %)")
     rest = total - sum(totals.values())
     lines.append(f"  {'other':<10} {1e3 * rest:9.2f}  ({100 * rest / total:5.1f} %)  (heads, resizing, glue)")
+    from bimatting_triton.kernels._common import KERNEL_STATS
+
+    if KERNEL_STATS:
+        lines.append("compiled Triton kernels (registers per thread, spilled registers):")
+        for (kname, tile), st in sorted(KERNEL_STATS.items()):
+            lines.append(f"  {kname:<22} {tile:<60} regs {st['n_regs']:4d}  spills {st['n_spills']:5d}")
     sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     lines.append("heaviest operators / kernels:")
     lines.append(prof.key_averages().table(sort_by=sort_key, row_limit=15))
@@ -282,6 +288,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads)")
     torch.manual_seed(0)
+    if args.profile:  # registers/spills of the compiled kernels (CUDA), printed with the profile
+        import os
+        os.environ.setdefault("BIMATTING_KERNEL_STATS", "1")
 
     results: list[Measurement] = []
     profiles: list[str] = []

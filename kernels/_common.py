@@ -20,7 +20,13 @@ try:  # The dispatching libdevice stubs (triton >= 3.0); only used on CUDA.
 except ImportError:  # pragma: no cover - depends on the installed triton
     libdevice = None
 
-__all__ = ["interpreting", "autotuning", "pow2", "triton_can_run", "hardware_popcount", "popcount32"]
+__all__ = ["interpreting", "autotuning", "pow2", "triton_can_run", "hardware_popcount", "popcount32",
+           "KERNEL_STATS", "note_compiled"]
+
+# (kernel name, tile) -> {"n_regs": int, "n_spills": int}, filled only with BIMATTING_KERNEL_STATS=1
+# on CUDA (bench/throughput.py --profile prints it): register spills are the first suspect
+# when a kernel is far slower than its arithmetic and bytes allow.
+KERNEL_STATS: dict[tuple[str, str], dict[str, int]] = {}
 
 
 def interpreting() -> bool:
@@ -36,6 +42,18 @@ def autotuning() -> bool:
     per layer shape (see the kernels' ``_heuristic_config``).
     """
     return os.environ.get("BIMATTING_AUTOTUNE", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def note_compiled(name: str, tile: dict, compiled) -> None:
+    """Record the registers and spills of a launched kernel (``kernel[grid](...)``'s return
+    value, a triton ``CompiledKernel``) when ``BIMATTING_KERNEL_STATS=1``; else nothing."""
+    if os.environ.get("BIMATTING_KERNEL_STATS", "0") in ("", "0"):
+        return
+    regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
+    if regs is None:  # the interpreter and autotuner wrappers return no compiled kernel
+        return
+    label = ", ".join(f"{k}={v}" for k, v in sorted(tile.items()))
+    KERNEL_STATS[(name, label)] = {"n_regs": int(regs), "n_spills": int(spills or 0)}
 
 
 def pow2(n: int) -> int:

@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from ._common import autotuning, hardware_popcount, interpreting, popcount32, pow2, triton_can_run
+from ._common import autotuning, hardware_popcount, interpreting, note_compiled, popcount32, pow2, triton_can_run
 from .pack import WORD_BITS, PackedActivation, pack_values, sign_pack_reference, unpack_values, words_for
 
 __all__ = [
@@ -932,12 +932,13 @@ def binary_conv2d(
         def grid(meta):
             return (triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BN"]))
 
-        kernel[grid](
+        compiled = kernel[grid](
             x.bits, w_arg, m, h, w, ho, wo, x.words, cout,
             *vectors, *res1, *res2, *margs, *aargs, y, *y.stride(), pbits, pcw,
             KH=kh, KW=kw, STRIDE=weight.stride, PAD=weight.padding,
             METHOD=code, HW_POPC=hardware_popcount(x.bits), **flags, **config,
         )
+        note_compiled(f"binary_conv{kh}x{kw}s{weight.stride}", config, compiled)
     if p is None:
         return y
     return ConvOutput(y if p.store_float else None, packed)

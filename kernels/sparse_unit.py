@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import autotuning, hardware_popcount, interpreting, triton_can_run
+from ._common import autotuning, hardware_popcount, interpreting, note_compiled, triton_can_run
 from ._common import pow2 as _pow2
 from .binary_conv import (
     METHODS,
@@ -511,7 +511,7 @@ def sparse_binary_conv2d(
     def grid(meta):
         return (tiles.capacity, tiles.groups, triton.cdiv(cout, meta["BN"]))
 
-    kernel[grid](
+    compiled = kernel[grid](
         tiles.index, tiles.count, tiles.capacity, tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
         x.bits, weight.int8 if code == 0 else weight.bits, h, w, ho, wo, x.words, cout,
         *vectors, *_residual_args(p.residual, dummy), *_residual_args(p.post_residual, dummy),
@@ -519,6 +519,7 @@ def sparse_binary_conv2d(
         KH=kh, KW=kw, STRIDE=weight.stride, PAD=weight.padding, METHOD=code, HW_POPC=hardware_popcount(x.bits),
         **epilogue_flags(p), MASK_MODE=mode, TH=th, TW=tw, **config,
     )
+    note_compiled(f"sparse_conv{kh}x{kw}", config, compiled)
     return y
 
 
