@@ -686,7 +686,7 @@ def store_packed(y_out, p_ptr, PCW, offs_m, m_ok, pid_n, nb_ptr, offs_n, n_ok, m
     """Next layer's LearnableBias + sign + pack of the value as stored (y_out), by exact
     comparison with -next_bias (see kernels/pack.py); pixel rows ``offs_m`` of (N*Ho*Wo)."""
     if HAS_NB:
-        t = tl.load(nb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        t = -tl.load(nb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]  # -next_bias (negation is exact)
         neg = (y_out < t) & mask
         nonzero = (y_out != t) & mask
     else:
@@ -904,9 +904,8 @@ def binary_conv2d(
         else:
             y = torch.empty((1, 1, 1, 1), dtype=p.out_dtype, device=dev)  # carries the dtype only
         dummy = p.scale
-        neg_next_bias = -p.next_bias if p.next_bias is not None else None  # the kernel compares with -bias
         vectors = tuple(
-            v if v is not None else dummy for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b, neg_next_bias)
+            v if v is not None else dummy for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b, p.next_bias)
         )
         res1 = _residual_args(p.residual, dummy)
         res2 = _residual_args(p.post_residual, dummy)
