@@ -574,47 +574,58 @@ def conv_accumulate(
     """
     cin_pad = CW * 32
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih = oh * STRIDE - PAD + kh
-            iw = ow * STRIDE - PAD + kw
-            # Out-of-image taps load all-zero words: nonzero bits 0 => they contribute 0.
-            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ((n_img * H + ih) * W + iw).to(tl.int64) * (2 * CW)  # word offset of the sign plane
-            tap = kh * KW + kw
-            if METHOD == 0:
-                kk = tl.arange(0, BK)
-                for k0 in range(0, cin_pad, BK):
-                    ch = k0 + kk  # input channel
-                    ch_ok = ch < cin_pad
-                    word = ch // 32
-                    shift = ch % 32
-                    amask = inside[:, None] & ch_ok[None, :]
-                    a_ptr = x_ptr + pix[:, None] + word[None, :]
-                    s = tl.load(a_ptr, mask=amask, other=0)
-                    z = tl.load(a_ptr + CW, mask=amask, other=0)
-                    sbit = ((s & z) >> shift[None, :]) & 1
-                    zbit = (z >> shift[None, :]) & 1
-                    a = (zbit - 2 * sbit).to(tl.int8)  # {-1, 0, +1}
-                    b_ptr = w_ptr + (tap * cin_pad + ch).to(tl.int64)[:, None] * COUT + offs_n[None, :]
-                    b = tl.load(b_ptr, mask=ch_ok[:, None] & n_ok[None, :], other=0)
-                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            else:
-                kw_ = tl.arange(0, BK // 32)
-                for w0 in range(0, CW, BK // 32):
-                    word = w0 + kw_
-                    w_ok = word < CW
-                    amask = inside[:, None] & w_ok[None, :]
-                    a_ptr = x_ptr + pix[:, None] + word[None, :]
-                    z = tl.load(a_ptr + CW, mask=amask, other=0)
-                    s = tl.load(a_ptr, mask=amask, other=0) & z
-                    b_ptr = w_ptr + (tap * 2 * CW + word).to(tl.int64)[:, None] * COUT + offs_n[None, :]
-                    bmask = w_ok[:, None] & n_ok[None, :]
-                    wz = tl.load(b_ptr + CW * COUT, mask=bmask, other=0)
-                    ws = tl.load(b_ptr, mask=bmask, other=0) & wz
-                    valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
-                    neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
-                    acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
+    # One flat runtime loop over (tap, channel block) rather than unrolled taps: only one
+    # step's addresses and bit tensors are live at a time (unrolling the taps kept all nine
+    # taps' row addresses in registers: 255 registers and spills, see bench/compile_report.py),
+    # and Triton's software pipeliner sees a single loop.
+    if METHOD == 0:
+        steps_per_tap = tl.cdiv(cin_pad, BK)
+        kk = tl.arange(0, BK)
+        kw_ = tl.arange(0, BK // 32)
+        bitpos = tl.arange(0, 32)
+    else:
+        steps_per_tap = tl.cdiv(CW, BK // 32)
+        kw_ = tl.arange(0, BK // 32)
+    for it in range(0, KH * KW * steps_per_tap):
+        tap = it // steps_per_tap
+        step = it - tap * steps_per_tap
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = oh * STRIDE - PAD + kh
+        iw = ow * STRIDE - PAD + kw
+        # Out-of-image taps load all-zero words: nonzero bits 0 => they contribute 0.
+        inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pix = ((n_img * H + ih) * W + iw).to(tl.int64) * (2 * CW)  # word offset of the sign plane
+        if METHOD == 0:
+            ch = step * BK + kk  # input channel
+            ch_ok = ch < cin_pad
+            # Each word once (BM, BK/32), then its 32 bits spread along the channel axis:
+            # channel = 32 * word + bit, the order of the weight rows.
+            word = step * (BK // 32) + kw_
+            amask = inside[:, None] & (word < CW)[None, :]
+            a_ptr = x_ptr + pix[:, None] + word[None, :]
+            z = tl.load(a_ptr + CW, mask=amask, other=0)
+            s = tl.load(a_ptr, mask=amask, other=0) & z
+            zbit = (z[:, :, None] >> bitpos[None, None, :]) & 1
+            sbit = (s[:, :, None] >> bitpos[None, None, :]) & 1
+            a = tl.reshape(zbit - 2 * sbit, (BM, BK)).to(tl.int8)  # {-1, 0, +1}
+            b_ptr = w_ptr + (tap * cin_pad + ch).to(tl.int64)[:, None] * COUT + offs_n[None, :]
+            b = tl.load(b_ptr, mask=ch_ok[:, None] & n_ok[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:
+            word = step * (BK // 32) + kw_
+            w_ok = word < CW
+            amask = inside[:, None] & w_ok[None, :]
+            a_ptr = x_ptr + pix[:, None] + word[None, :]
+            z = tl.load(a_ptr + CW, mask=amask, other=0)
+            s = tl.load(a_ptr, mask=amask, other=0) & z
+            b_ptr = w_ptr + (tap * 2 * CW + word).to(tl.int64)[:, None] * COUT + offs_n[None, :]
+            bmask = w_ok[:, None] & n_ok[None, :]
+            wz = tl.load(b_ptr + CW * COUT, mask=bmask, other=0)
+            ws = tl.load(b_ptr, mask=bmask, other=0) & wz
+            valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
+            neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
+            acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
     return acc
 
 
@@ -782,11 +793,12 @@ _RESTORE = ["y_ptr"]
 
 def _heuristic_config(method: int, m: int, cout: int, cin_pad: int) -> dict:
     """One tile per layer shape (CUDA, no autotuning): big tiles where there are many pixels."""
+    # Checked with bench/compile_report.py (sm_90): no spills, <= 236 registers per thread.
     bn = 128 if cout >= 128 else 64 if cout >= 64 else 32
     if method == 0:
         bm = 128 if m >= 32768 else 64
-        bk = min(128, max(32, pow2(cin_pad)))
-        return dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 16384 else 4, num_stages=3)
+        bk = min(64, max(32, pow2(cin_pad)))
+        return dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 8192 else 4, num_stages=3)
     return dict(BM=64, BN=min(bn, 64), BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)
 
 

@@ -1,0 +1,143 @@
+"""Registers, spills and shared memory of the packed binary conv, compiled for a GPU that
+need not be here: no device time spent (the first thing to read when a kernel is slow).
+
+    python bench/compile_report.py                          # BiMatting's layers at 512x288@1, sm_90
+    python bench/compile_report.py --size 1920x1080@0.25 --tiles 64,64,64,4,3 128,64,32,4,3
+
+For each distinct binary conv layer of BiMatting at ``--size`` (the shapes of
+``bench/kernels.py``), the kernel is specialised as ``convert``'s models launch it (fused
+BN scale/shift, PReLU, the next layer's sign + pack) and compiled by Triton to PTX for
+``--arch``; the bundled ``ptxas -v`` then reports registers per thread, spill stores/loads
+(bytes of local memory traffic per thread) and the kernel's shared memory. By default each
+layer gets the CUDA heuristic tile (``kernels/binary_conv._heuristic_config``); ``--tiles``
+compiles the given ``BM,BN,BK,num_warps,num_stages`` tiles instead, for every layer.
+
+Nothing is launched and no GPU is needed; the numbers are this Triton version's (register
+allocation can differ a little between versions).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real (the interpreter compiles nothing)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from bimatting_triton.kernels import binary_conv  # noqa: E402
+from bimatting_triton.kernels.pack import words_for  # noqa: E402
+
+_PTXAS_LINE = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_STACK = re.compile(r"(\d+) bytes stack frame")
+
+# Argument kinds of _binary_conv_kernel, by name: pointers (with their element type) and the
+# rest are 32-bit ints; constexprs are passed by value.
+_POINTERS = {
+    "x_ptr": "*i32", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "ba_ptr": "*fp32", "slope_ptr": "*fp32",
+    "bb_ptr": "*fp32", "nb_ptr": "*fp32", "r1_ptr": "*fp32", "r2_ptr": "*fp32", "m_ptr": "*fp32",
+    "a_ptr": "*fp32", "y_ptr": "*fp16", "p_ptr": "*i32",
+}
+
+
+def _signature(fn, constexprs: dict, method: int, store_y: bool) -> tuple[dict, dict]:
+    """Triton signature and divisibility attributes for a launch like convert's."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "w_ptr":
+            sig[name] = "*i8" if method == 0 else "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _POINTERS:
+            sig[name] = _POINTERS[name] if (name != "y_ptr" or store_y) else "*fp16"
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
+        else:
+            sig[name] = "i32"
+    return sig, attrs
+
+
+def compile_layer(shape, tile: dict, arch: int, method: int = 0) -> dict:
+    """Compile the packed conv for ``shape`` = (Cin, Cout, H, W, k, stride) with ``tile`` =
+    dict(BM, BN, BK, num_warps, num_stages); -> {'regs', 'spill_stores', 'spill_loads', 'stack', 'shared'}."""
+    cin, cout, h, w, k, s = shape
+    fn = binary_conv._binary_conv_kernel
+    constexprs = dict(
+        KH=k, KW=k, STRIDE=s, PAD=k // 2, METHOD=method, HW_POPC=True,
+        EPILOGUE=1, HAS_SHIFT=True, R1_MODE=0, HAS_BA=False, ACT=1, HAS_BB=False, R2_MODE=0, MASK_MODE=0,
+        STORE_Y=False, STORE_P=True, HAS_NB=True,
+        BM=tile["BM"], BN=tile["BN"], BK=tile["BK"],
+    )
+    sig, attrs = _signature(fn, constexprs, method, store_y=False)
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
+    report = dict(shared=compiled.metadata.shared)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        suffix = "a" if arch >= 90 else ""
+        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    report["regs"] = int(_PTXAS_LINE.search(out).group(1))
+    spill = _SPILL.search(out)
+    report["spill_stores"], report["spill_loads"] = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
+    stack = _STACK.search(out)
+    report["stack"] = int(stack.group(1)) if stack else 0
+    return report
+
+
+def _parse_tile(text: str) -> dict:
+    try:
+        bm, bn, bk, warps, stages = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BM,BN,BK,num_warps,num_stages, got {text!r}") from None
+    return dict(BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+
+def main(argv: list[str] | None = None) -> list[tuple]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90, H100/H200)")
+    parser.add_argument("--method", choices=("dot", "popcount"), default="dot")
+    parser.add_argument("--tiles", type=_parse_tile, nargs="*", default=None,
+                        help="BM,BN,BK,num_warps,num_stages tiles to compile for every layer "
+                             "(default: each layer's heuristic tile)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N layer shapes")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernels import layer_shapes  # bench/kernels.py
+
+    method = 0 if args.method == "dot" else 1
+    shapes = layer_shapes(args.size)[: args.limit]
+    rows = []
+    print(f"{'layer (k x k s, cin to cout, W x H)':<34} {'tile BM,BN,BK,w,s':<20} {'regs':>5} {'spill st/ld B':>14} "
+          f"{'stack B':>8} {'smem KiB':>9}")
+    for shape in shapes:
+        cin, cout, h, w, k, s = shape
+        m = ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
+        tiles = args.tiles or [binary_conv._heuristic_config(method, m, cout, words_for(cin) * 32)]
+        for tile in tiles:
+            r = compile_layer(shape, tile, args.arch, method)
+            label = f"{k}x{k}s{s}-{cin}to{cout}-{w}x{h}"
+            t = f"{tile['BM']},{tile['BN']},{tile['BK']},{tile['num_warps']},{tile['num_stages']}"
+            print(f"{label:<34} {t:<20} {r['regs']:5d} {r['spill_stores']:>6d}/{r['spill_loads']:<7d} "
+                  f"{r['stack']:8d} {r['shared'] / 1024:9.1f}", flush=True)
+            rows.append((shape, tile, r))
+    return rows
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(sys.argv[1:])
