@@ -406,7 +406,8 @@ def _sparse_conv_kernel(
 
 def _sparse_configs(method: int) -> list:
     if method == 0:
-        shapes = [(16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 128, 8)]
+        # Tiles that compile without spills on sm_90 (bench/compile_report.py --kernel sparse).
+        shapes = [(16, 64, 4), (32, 32, 4), (32, 64, 4), (64, 64, 8), (128, 64, 8)]
         return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=3) for n, k, w in shapes]
     shapes = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8)]
     return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=2) for n, k, w in shapes]
@@ -416,17 +417,22 @@ _SPARSE_KEY = ["COUT", "CW", "KH", "KW", "STRIDE", "TH", "TW", "ACT", "MASK_MODE
 _SPARSE_TUNED = {}
 
 
+def sparse_heuristic_config(method: int, cout: int, cin_pad: int) -> dict:
+    """One tile per layer shape (CUDA, no autotuning). Checked with bench/compile_report.py
+    (sm_90): no spills, <= 215 registers per thread."""
+    if method == 0:
+        bn = min(128, max(16, _pow2(cout)))
+        return dict(BN=bn, BK=min(64, max(32, _pow2(cin_pad))), num_warps=8 if bn >= 64 else 4, num_stages=3)
+    return dict(BN=min(64, max(16, _pow2(cout))), BK=min(64, max(32, _pow2(cin_pad))), num_warps=4, num_stages=2)
+
+
 def _sparse_launcher(method: int, block, cout: int, cin_pad: int):
     if block is not None:
         return _sparse_conv_kernel, dict(BN=block[0], BK=block[1])
     if interpreting():
         return _sparse_conv_kernel, dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
     if not autotuning():  # one heuristic tile per layer shape (see kernels/_common.autotuning)
-        if method == 0:
-            return _sparse_conv_kernel, dict(BN=min(128, max(16, _pow2(cout))), BK=min(128, max(32, _pow2(cin_pad))),
-                                             num_warps=4, num_stages=3)
-        return _sparse_conv_kernel, dict(BN=min(64, max(16, _pow2(cout))), BK=min(64, max(32, _pow2(cin_pad))),
-                                         num_warps=4, num_stages=2)
+        return _sparse_conv_kernel, sparse_heuristic_config(method, cout, cin_pad)
     if method not in _SPARSE_TUNED:
         # restore_value: the output is read-modify-written (addend = out): every trial
         # run of the autotuner must start from the same output.
