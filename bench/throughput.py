@@ -15,7 +15,10 @@ Variants, measured side by side on the same random clip:
 Each variant runs ``--warmup`` untimed calls, then ``--repeats`` timed calls of
 B x T frames, carrying the recurrent state as a streaming user does. Reported: median
 and spread of ms per frame, frames/s, peak memory (CUDA: ``max_memory_allocated``;
-CPU: the process's peak RSS so far, which only grows), and fps ratios between variants.
+CPU: the process's peak RSS so far, which only grows), the first call's time (compilation)
+and fps ratios between variants. ``--cuda-graph`` times CUDA-graph replays of one streaming
+step instead of eager calls (at T=1 every variant is launch-bound on a GPU); ``--compile``
+uses ``torch.compile`` on the float variants. The notes column says which was used.
 """
 from __future__ import annotations
 
@@ -136,7 +139,38 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is KiB on Linux
 
 
-def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, warmup: int, repeats: int) -> Measurement:
+def capture_cuda_graph(model, src: torch.Tensor, rec: list, ratio: float) -> Callable:
+    """One streaming step of ``model`` captured as a CUDA graph: ``step(src, rec) -> outputs``.
+
+    ``src`` and the recurrent states ``rec`` (tensors, from an eager warm-up call) are
+    copied into the graph's static inputs before each replay; the outputs (``fgr, pha,
+    *rec``) live in the graph's memory and are overwritten by the next replay. Raises if
+    the model cannot be captured (a host synchronisation or a CPU tensor inside forward).
+    """
+    static_src, static_rec = src.clone(), [r.clone() for r in rec]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            model(static_src, *static_rec, downsample_ratio=ratio)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = model(static_src, *static_rec, downsample_ratio=ratio)
+
+    def step(src_in: torch.Tensor, rec_in: list) -> list:
+        static_src.copy_(src_in)
+        for dst, value in zip(static_rec, rec_in):
+            if value is not dst:
+                dst.copy_(value)
+        graph.replay()
+        return outputs
+
+    return step
+
+
+def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, warmup: int, repeats: int,
+                cuda_graph: bool = False) -> Measurement:
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator(device="cpu").manual_seed(0)
     src = torch.rand(setting.batch, setting.frames, 3, setting.height, setting.width, generator=generator)
@@ -144,18 +178,30 @@ def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    timer, times, first, rec = Timer(device), [], [], [None] * 4
+    timer, times, first, rec, notes = Timer(device), [], [], [None] * 4, []
     with torch.inference_mode():
-        for i in range(max(warmup, 1) + repeats):
-            sink = times if i >= max(warmup, 1) else first if i == 0 else []
-            with timer.measure(sink):
+        for i in range(max(warmup, 1)):  # eager warm-up; the first call also compiles
+            with timer.measure(first if i == 0 else []):
                 _, _, *rec = model(src, *rec, downsample_ratio=setting.ratio)
+        step = None
+        if cuda_graph:
+            try:
+                step = capture_cuda_graph(model, src, rec, setting.ratio)
+                notes.append("CUDA graph")
+            except Exception as exc:  # reported, then timed eagerly
+                notes.append(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}), eager")
+        for _ in range(repeats):
+            with timer.measure(times):
+                if step is not None:
+                    _, _, *rec = step(src, rec)
+                else:
+                    _, _, *rec = model(src, *rec, downsample_ratio=setting.ratio)
     n = setting.batch * setting.frames
     median = statistics.median(times)
     return Measurement(
         variant="", setting=setting.label, status="ok",
         ms_per_frame=1e3 * median / n, spread_ms=1e3 * (max(times) - min(times)) / n,
-        fps=n / median, peak_memory_mib=peak_memory_mib(device), first_call_s=first[0],
+        fps=n / median, peak_memory_mib=peak_memory_mib(device), first_call_s=first[0], notes=notes,
     )
 
 
@@ -272,6 +318,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the plain/float variants")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time CUDA-graph replays of one streaming step (CUDA only; a variant that "
+                             "cannot be captured is timed eagerly and says why)")
     parser.add_argument("--profile", action="store_true",
                         help="also break the first runnable variant's time down by stage and kernel")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -284,6 +333,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph: CUDA graphs need a CUDA device")
     frames = args.frames or ([1, 8] if device.type == "cuda" else [1])
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads)")
@@ -302,8 +353,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                 if model is None:
                     results.append(Measurement(name, setting.label, dtype_or_reason))
                     continue
-                m = run_variant(model, dtype_or_reason, setting, device, args.warmup, args.repeats)
-                m.variant, m.notes = name, [dtype_or_reason, *notes]
+                m = run_variant(model, dtype_or_reason, setting, device, args.warmup, args.repeats,
+                                cuda_graph=args.cuda_graph)
+                m.variant, m.notes = name, [dtype_or_reason, *notes, *m.notes]
                 results.append(m)
                 # Progress on stderr (stdout stays the table or the JSON): long runs show what they did.
                 print(f"  {name} {setting.label}: {m.ms_per_frame:.2f} ms/frame", file=sys.stderr, flush=True)

@@ -52,3 +52,25 @@ def test_bad_arguments(throughput, capsys, argv, message):
     with pytest.raises(SystemExit):
         throughput.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_cuda(throughput, capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--sizes", "48x32@1", "--device", "cpu", "--cuda-graph"])
+    assert "--cuda-graph" in capsys.readouterr().err
+
+
+def test_cuda_graph_capture_failure_is_reported_and_timed_eagerly(throughput, monkeypatch):
+    # No CUDA here: the capture itself is replaced by one that fails as a model with a host
+    # synchronisation would; the variant must still be timed, eagerly, and say why.
+    def failing_capture(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(throughput, "capture_cuda_graph", failing_capture)
+    from bimatting_triton.baselines import RVMMobileNetV3
+
+    model = RVMMobileNetV3().eval()
+    setting = throughput.Setting(48, 32, 1.0, 1, 1)
+    m = throughput.run_variant(model, "float32", setting, throughput.torch.device("cpu"), 1, 1, cuda_graph=True)
+    assert m.status == "ok" and m.fps > 0
+    assert any("CUDA graph capture failed (RuntimeError" in note and "eager" in note for note in m.notes)
