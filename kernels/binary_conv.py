@@ -778,10 +778,10 @@ _INTERPRETER_CONFIG = dict(BM=128, BN=64, BK=128)
 
 def _cuda_configs(method: int) -> list:
     if method == 0:
-        # Tiles that compile without spills on sm_90 (bench/compile_report.py).
-        shapes = [(64, 32, 32, 4), (64, 64, 64, 4), (128, 64, 64, 8), (64, 128, 64, 8), (128, 128, 64, 8)]
+        # Tiles that compile without spills on sm_90, triton 3.6 and 3.9 (bench/compile_report.py).
+        shapes = [(64, 32, 64, 4), (128, 32, 32, 4), (64, 64, 64, 4), (128, 64, 64, 8), (64, 128, 32, 8)]
         return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=3) for m, n, k, w in shapes]
-    shapes = [(32, 64, 32, 4), (64, 64, 32, 4), (64, 32, 64, 4), (32, 32, 128, 4)]
+    shapes = [(64, 32, 64, 4), (64, 32, 32, 4), (32, 32, 64, 4), (128, 32, 64, 8)]
     return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=2) for m, n, k, w in shapes]
 
 
@@ -793,14 +793,22 @@ _RESTORE = ["y_ptr"]
 
 
 def _heuristic_config(method: int, m: int, cout: int, cin_pad: int) -> dict:
-    """One tile per layer shape (CUDA, no autotuning): big tiles where there are many pixels."""
-    # Checked with bench/compile_report.py (sm_90): no spills, <= 236 registers per thread.
+    """One tile per layer shape (CUDA, no autotuning): big tiles where there are many pixels.
+
+    Chosen with bench/compile_report.py for sm_90 on triton 3.6 and 3.9: no spills and at
+    most ~160 registers per thread for every BiMatting layer (some nearby tiles, e.g.
+    64,32,32 at 4 warps, need 223-255 registers on triton 3.6 but 56 on 3.9).
+    """
     bn = 128 if cout >= 128 else 64 if cout >= 64 else 32
     if method == 0:
+        if bn == 128:
+            return dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
         bm = 128 if m >= 32768 else 64
-        bk = min(64, max(32, pow2(cin_pad)))
-        return dict(BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 8192 else 4, num_stages=3)
-    return dict(BM=64, BN=min(bn, 64), BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)
+        if bn == 64:
+            return dict(BM=bm, BN=64, BK=64, num_warps=8 if bm == 128 else 4, num_stages=3)
+        return dict(BM=bm, BN=32, BK=32 if bm == 128 else 64, num_warps=4, num_stages=3)
+    # popcount: the (BM, BK/32, BN) AND/XOR words stay small with BN = 32
+    return dict(BM=64, BN=32, BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)
 
 
 def _launcher(method: int, block: tuple[int, int, int] | None, m: int = 1, cout: int = 1, cin_pad: int = 32):
