@@ -76,6 +76,22 @@ def _constexprs(kernel: str, shape, tile: dict, method: int) -> dict:
     return dict(common, EPILOGUE=1, MASK_MODE=0, STORE_Y=False, STORE_P=True, HAS_NB=True, BM=tile["BM"])
 
 
+def ptxas_report(ptx_source: str, arch: int) -> dict:
+    """``ptxas -v`` on a PTX module -> {'regs', 'spill_stores', 'spill_loads', 'stack'} (bytes per thread)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(ptx_source)
+        suffix = "a" if arch >= 90 else ""
+        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    spill = _SPILL.search(out)
+    stack = _STACK.search(out)
+    return dict(regs=int(_PTXAS_LINE.search(out).group(1)),
+                spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
+                stack=int(stack.group(1)) if stack else 0)
+
+
 def compile_layer(shape, tile: dict, arch: int, method: int = 0, kernel: str = "dense") -> dict:
     """Compile the packed conv (``kernel`` 'dense', or 'sparse': the tile-sparse unit, 8x8
     tiles) for ``shape`` = (Cin, Cout, H, W, k, stride) with ``tile`` = dict(BM, BN, BK,
@@ -87,20 +103,7 @@ def compile_layer(shape, tile: dict, arch: int, method: int = 0, kernel: str = "
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
-    report = dict(shared=compiled.metadata.shared)
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        suffix = "a" if arch >= 90 else ""
-        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
-    report["regs"] = int(_PTXAS_LINE.search(out).group(1))
-    spill = _SPILL.search(out)
-    report["spill_stores"], report["spill_loads"] = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
-    stack = _STACK.search(out)
-    report["stack"] = int(stack.group(1)) if stack else 0
-    return report
+    return dict(shared=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], arch))
 
 
 def default_tile(kernel: str, method: int, shape) -> dict:

@@ -1,0 +1,177 @@
+"""Compile every Triton kernel specialisation that a converted BiMatting launches, for a GPU
+that need not be here: the first call's compile time on a cold machine, and registers and
+spills of each kernel as really launched (flags, dtypes, tiles), with no device time.
+
+    python bench/compile_model.py                          # 512x288@1, T=1, float32, sm_90
+    python bench/compile_model.py --size 1920x1080@0.25 --frames 8 --dtype float16
+
+How: the converted model runs on the CPU with the kernels' launch sites told that they are
+on CUDA (``triton_can_run``/``interpreting``/``hardware_popcount`` patched) and every
+``kernel[grid](...)`` replaced by a recorder. The recorder turns the launch into the
+signature Triton's JIT would build (pointer dtypes, 16-divisible ints and pointers, ints
+equal to 1 as constants, constexprs, ``num_warps``/``num_stages``), compiles each distinct
+one for ``--arch`` (``triton.compile``) and runs ``ptxas -v`` on it. Nothing is executed:
+outputs are left uninitialised, which the model's Python never branches on.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions (the interpreter compiles nothing)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
+from compile_report import ptxas_report  # noqa: E402  (bench/compile_report.py)
+
+from bimatting_triton import BiMatting, convert  # noqa: E402
+from bimatting_triton.kernels import _common, binary_conv, pack, sparse_unit  # noqa: E402
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+           torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}
+KERNELS = {
+    binary_conv: ["_binary_conv_kernel"],
+    sparse_unit: ["_sparse_conv_kernel", "_sparse_float_conv_kernel", "_tile_flags_kernel", "_compact_kernel"],
+    pack: ["_sign_pack_kernel"],
+}
+
+
+class Recorder:
+    """Stands in for a ``@triton.jit`` function: ``rec[grid](*args, **kwargs)`` compiles the
+    specialisation (once per distinct one) instead of launching it."""
+
+    def __init__(self, fn, arch: int, results: dict):
+        self.fn, self.arch, self.results = fn, arch, results
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(args, kwargs)
+
+    def launch(self, args, kwargs):
+        kwargs = dict(kwargs)
+        options = dict(num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))
+        names = self.fn.arg_names
+        values = dict(zip(names, args), **kwargs)
+        constexprs, signature, attrs = {}, {}, {}
+        for i, name in enumerate(names):
+            v = values[name]
+            if name in kwargs or v is None:
+                constexprs[name] = v
+                signature[name] = "constexpr"
+            elif isinstance(v, torch.Tensor):
+                signature[name] = "*" + _DTYPES[v.dtype]
+                if v.data_ptr() % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, bool):
+                signature[name] = "i1"
+            elif isinstance(v, int):
+                if v == 1:  # Triton's JIT specialises ints equal to 1 as constants
+                    constexprs[name] = 1
+                    signature[name] = "constexpr"
+                    continue
+                signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, float):
+                signature[name] = "fp32"
+            else:
+                raise TypeError(f"{self.fn.__name__}: cannot type argument {name}={v!r}")
+        key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in
+               constexprs.items())), tuple(sorted(attrs)), tuple(sorted(options.items())))
+        if key in self.results:
+            self.results[key]["launches"] += 1
+            return None
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(self.fn, signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", self.arch, 32), options=options)
+            report = dict(shared=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], self.arch))
+            error = None
+        except Exception as exc:  # reported: a specialisation that does not compile is a bug
+            report, error = {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        tile = {k: constexprs[k] for k in ("BM", "BN", "BK", "BP", "BW", "BT", "BQ", "BC", "TH", "TW", "BLOCK")
+                if k in constexprs}
+        self.results[key] = dict(kernel=self.fn.__name__, tile=tile, options=options, launches=1,
+                                 compile_s=time.perf_counter() - start, error=error, **report)
+        return None
+
+
+@contextlib.contextmanager
+def pretend_cuda(arch: int, results: dict):
+    """Launch sites believe they are on CUDA; kernels are Recorders. Restored on exit."""
+    patches = []
+
+    def patch(module, name, value):
+        patches.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+
+    for module in (_common, binary_conv, pack, sparse_unit):
+        for name, value in (("triton_can_run", lambda t: True), ("interpreting", lambda: False),
+                            ("hardware_popcount", lambda t: True)):
+            if hasattr(module, name):
+                patch(module, name, value)
+    for module, names in KERNELS.items():
+        for name in names:
+            patch(module, name, Recorder(getattr(module, name), arch, results))
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(patches):
+            setattr(module, name, value)
+
+
+def compile_model(size: str = "512x288@1", frames: int = 1, dtype: torch.dtype = torch.float32,
+                  arch: int = 90) -> list[dict]:
+    """Every distinct kernel specialisation of two streaming calls (first frame, then with
+    recurrent state) of ``convert(BiMatting())`` at ``size``; one dict per specialisation."""
+    w, h, ratio = parse_frame_size(size)
+    torch.manual_seed(0)
+    model = convert(BiMatting().eval()).to(dtype)
+    src = torch.rand(1, frames, 3, h, w, dtype=dtype)
+    results: dict = {}
+    with torch.inference_mode(), pretend_cuda(arch, results):
+        _, _, *rec = model(src, downsample_ratio=ratio)
+        model(src, *rec, downsample_ratio=ratio)
+    return list(results.values())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
+    parser.add_argument("--frames", type=int, default=1, help="frames per call T (default 1)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 if a specialisation fails to compile or spills")
+    args = parser.parse_args(argv)
+    rows = compile_model(args.size, args.frames, getattr(torch, args.dtype), args.arch)
+    print(f"{'kernel':<26} {'tile':<44} {'w,s':>5} {'launches':>8} {'regs':>5} {'spill st/ld':>12} "
+          f"{'compile s':>9}")
+    for r in sorted(rows, key=lambda r: (r["kernel"], str(r["tile"]))):
+        tile = ",".join(f"{k}={v}" for k, v in r["tile"].items())
+        ws = f"{r['options']['num_warps']},{r['options']['num_stages']}"
+        if r["error"]:
+            print(f"{r['kernel']:<26} {tile:<44} {ws:>5} {r['launches']:8d}  FAILED: {r['error']}")
+            continue
+        print(f"{r['kernel']:<26} {tile:<44} {ws:>5} {r['launches']:8d} {r['regs']:5d} "
+              f"{r['spill_stores']:>5d}/{r['spill_loads']:<6d} {r['compile_s']:9.2f}")
+    failed = [r for r in rows if r["error"]]
+    spilled = [r for r in rows if not r["error"] and (r["spill_stores"] or r["spill_loads"])]
+    total = sum(r["compile_s"] for r in rows)
+    print(f"{len(rows)} specialisations, {sum(r['launches'] for r in rows)} launches in two calls; "
+          f"compiled in {total:.1f} s here (triton {triton.__version__}, one process, cold cache needs "
+          f"TRITON_CACHE_DIR empty); {len(failed)} failed, {len(spilled)} spill")
+    if args.check and (failed or spilled):
+        sys.exit(1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
