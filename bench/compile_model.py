@@ -2,8 +2,8 @@
 that need not be here: the first call's compile time on a cold machine, and registers and
 spills of each kernel as really launched (flags, dtypes, tiles), with no device time.
 
-    python bench/compile_model.py                          # 512x288@1, T=1, float32, sm_90
-    python bench/compile_model.py --size 1920x1080@0.25 --frames 8 --dtype float16
+    python bench/compile_model.py                          # 512x288@1, T=1, sm_90
+    python bench/compile_model.py --size 1920x1080@0.25 --frames 8
 
 How: the converted model runs on the CPU with the kernels' launch sites told that they are
 on CUDA (``triton_can_run``/``interpreting``/``hardware_popcount`` patched) and every
@@ -127,14 +127,13 @@ def pretend_cuda(arch: int, results: dict):
             setattr(module, name, value)
 
 
-def compile_model(size: str = "512x288@1", frames: int = 1, dtype: torch.dtype = torch.float32,
-                  arch: int = 90) -> list[dict]:
+def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90) -> list[dict]:
     """Every distinct kernel specialisation of two streaming calls (first frame, then with
     recurrent state) of ``convert(BiMatting())`` at ``size``; one dict per specialisation."""
     w, h, ratio = parse_frame_size(size)
     torch.manual_seed(0)
-    model = convert(BiMatting().eval()).to(dtype)
-    src = torch.rand(1, frames, 3, h, w, dtype=dtype)
+    model = convert(BiMatting().eval())  # float32, as bench/throughput.py runs it
+    src = torch.rand(1, frames, 3, h, w)
     results: dict = {}
     with torch.inference_mode(), pretend_cuda(arch, results):
         _, _, *rec = model(src, downsample_ratio=ratio)
@@ -146,12 +145,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
     parser.add_argument("--frames", type=int, default=1, help="frames per call T (default 1)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if a specialisation fails to compile or spills")
     args = parser.parse_args(argv)
-    rows = compile_model(args.size, args.frames, getattr(torch, args.dtype), args.arch)
+    rows = compile_model(args.size, args.frames, args.arch)
     print(f"{'kernel':<26} {'tile':<44} {'w,s':>5} {'launches':>8} {'regs':>5} {'spill st/ld':>12} "
           f"{'compile s':>9}")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["tile"]))):
