@@ -333,6 +333,9 @@ class _Prepared:
 def _vector(v, cout: int, name: str, dtype: torch.dtype, device, allow_scalar: bool = False) -> Tensor | None:
     if v is None:
         return None
+    if (isinstance(v, Tensor) and v.dtype == dtype and v.device == device and v.dim() == 1 and v.numel() == cout
+            and v.stride(0) == 1):
+        return v  # the common case (a converted module's buffers): no checks or copies left to do
     if not isinstance(v, Tensor) or not v.is_floating_point():
         raise TypeError(f"epilogue.{name} must be a float tensor, got {getattr(v, 'dtype', type(v).__name__)}")
     if v.device != device:
