@@ -127,13 +127,15 @@ def pretend_cuda(arch: int, results: dict):
             setattr(module, name, value)
 
 
-def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90) -> list[dict]:
+def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90, float64: bool = False) -> list[dict]:
     """Every distinct kernel specialisation of two streaming calls (first frame, then with
-    recurrent state) of ``convert(BiMatting())`` at ``size``; one dict per specialisation."""
+    recurrent state) of ``convert(BiMatting())`` at ``size``; one dict per specialisation.
+    ``float64``: the model in float64, as the exactness tests run it (``BIMATTING_TEST_CUDA``)."""
     w, h, ratio = parse_frame_size(size)
     torch.manual_seed(0)
-    model = convert(BiMatting().eval())  # float32, as bench/throughput.py runs it
-    src = torch.rand(1, frames, 3, h, w)
+    dtype = torch.float64 if float64 else torch.float32  # float32: as bench/throughput.py runs it
+    model = convert(BiMatting().eval().to(dtype))
+    src = torch.rand(1, frames, 3, h, w, dtype=dtype)
     results: dict = {}
     with torch.inference_mode(), pretend_cuda(arch, results):
         _, _, *rec = model(src, downsample_ratio=ratio)
@@ -146,10 +148,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
     parser.add_argument("--frames", type=int, default=1, help="frames per call T (default 1)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    parser.add_argument("--float64", action="store_true", help="the model in float64 (the exactness tests' dtype)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if a specialisation fails to compile or spills")
     args = parser.parse_args(argv)
-    rows = compile_model(args.size, args.frames, args.arch)
+    rows = compile_model(args.size, args.frames, args.arch, args.float64)
     print(f"{'kernel':<26} {'tile':<44} {'w,s':>5} {'launches':>8} {'regs':>5} {'spill st/ld':>12} "
           f"{'compile s':>9}")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["tile"]))):
