@@ -352,3 +352,28 @@ def test_bad_arguments():
         binary_conv2d(sign_pack(torch.randn(1, 20, 1, 1)), pack_weight(torch.randn(8, 20, 3, 3), padding=0))
     with pytest.raises(ValueError, match="PackedWeight.bits must be an int32"):
         PackedWeight(torch.zeros(3, 3, 2, 1, 8), torch.ones(8), 20)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cin, cout, m", [(70, 130, 100), (40, 70, 40000), (35, 16, 40000), (33, 40, 100)],
+                         ids=["BN128-BK32", "BM128-BN64", "BM128-BN32", "BN64"])
+def test_cuda_heuristic_tiles_are_exact(method, cin, cout, m):
+    # The tiles the kernels launch with on CUDA (kernels/binary_conv._heuristic_config, chosen
+    # for registers: e.g. BK = 32, one packed word a step, with BN = 128), run here on a small
+    # input (``m`` only picks the tile): exact accumulators, and packed bits of the stored values.
+    from bimatting_triton.kernels.binary_conv import _heuristic_config
+    from bimatting_triton.kernels.pack import words_for
+
+    cfg = _heuristic_config(0 if method == "dot" else 1, m, cout, words_for(cin) * 32)
+    block = (cfg["BM"], cfg["BN"], cfg["BK"])
+    pa = sign_pack(_activations(2, cin, 5, 7))
+    pw = pack_weight(_weights(cout, cin, 3))
+    assert torch.equal(binary_conv2d(pa, pw, method=method, block=block), binary_conv2d_reference(pa, pw))
+    scale, shift = torch.rand(cout, device=DEVICE) + 0.5, torch.randn(cout, device=DEVICE)
+    next_bias = torch.randn(cout, device=DEVICE)
+    got = binary_conv2d(pa, pw, Epilogue(scale, shift, pack=True, next_bias=next_bias), method=method, block=block)
+    assert torch.equal(got.packed.bits, sign_pack_reference(got.y, next_bias).bits)
+    ref = binary_conv2d_reference(pa, pw, Epilogue(scale, shift)).y
+    acc = binary_conv2d_reference(pa, pw).double()
+    terms = acc.abs() * scale.double().view(1, -1, 1, 1) + shift.double().abs().view(1, -1, 1, 1)
+    assert ((got.y - ref).abs() <= 4 * torch.finfo(torch.float32).eps * terms).all()

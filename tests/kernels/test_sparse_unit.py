@@ -289,6 +289,28 @@ def test_sparse_conv_writes_active_tiles_only(method):
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13, equal_nan=True)
 
 
+@pytest.mark.parametrize("cout", [24, 70], ids=["BN32-BK64", "BN64-BK32"])
+def test_sparse_conv_cuda_heuristic_tiles(cout):
+    # The tiles the sparse conv launches with on CUDA (sparse_heuristic_config), run here:
+    # the active tiles get exactly the dense kernel's values.
+    from bimatting_triton.kernels.pack import words_for
+    from bimatting_triton.kernels.sparse_unit import sparse_heuristic_config
+
+    mask5 = _mask("tile-borders").to(DEVICE)
+    tiles = active_tiles(mask5, TILE, halo=1)
+    x = torch.randn(B * T, CIN, H, W, device=DEVICE)
+    xp = sign_pack(x)
+    wp = pack_weight(torch.randn(cout, CIN, 3, 3, device=DEVICE))
+    cfg = sparse_heuristic_config(0, cout, words_for(CIN) * 32)
+    out = torch.full((B * T, cout, H, W), float("nan"), device=DEVICE)
+    epi = Epilogue(scale=torch.rand(cout, device=DEVICE), shift=torch.randn(cout, device=DEVICE), act="relu", out=out)
+    sparse_binary_conv2d(xp, wp, epi, tiles, block=(cfg["BN"], cfg["BK"]))
+    cover = tiles.coverage().expand_as(out)
+    assert out[~cover].isnan().all() and not out[cover].isnan().any()
+    dense = binary_conv2d(xp, wp, replace(epi, out=None)).y
+    assert torch.equal(out[cover], dense[cover])
+
+
 def test_dense_kernel_mask_stage_and_gate_activations():
     # The dense kernel's own mask stage (y * m [+ addend]) and sigmoid / tanh against the reference.
     x3, w3, _, _ = _unit_inputs(2, 5, 7)
