@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .fuse import BinaryConvUnit, FusedSequential
 from .kernels.binary_conv import Epilogue, binary_conv2d_reference, fold_scale_shift
+from .kernels.pack import sign_pack_pair
 from .kernels.sparse_unit import (
     TileList,
     active_tiles,
@@ -92,7 +93,10 @@ def _epilogue(unit: BinaryConvUnit) -> Epilogue:
 
 def _masked_pair(unit3: BinaryConvUnit, unit1: BinaryConvUnit, y: Tensor, mask: Tensor, tiles: TileList) -> Tensor:
     """``unit3(y) * mask + unit1(y)``: y (N, Cin, H, W) float, mask (N, 1, H, W) -> (N, Cout, H, W)."""
-    x3, x1 = unit3.pack(y), unit1.pack(y)
+    if unit3.backend == "reference":
+        x3, x1 = unit3.pack(y), unit1.pack(y)
+    else:  # both units' LearnableBias + sign + pack in one pass over y
+        x3, x1 = sign_pack_pair(y, unit3.in_bias, unit1.in_bias)
     args = (x3, unit3.packed_weight(), _epilogue(unit3), x1, unit1.packed_weight(), _epilogue(unit1), mask)
     if unit3.backend == "reference":
         return sparse_unit_reference(*args)

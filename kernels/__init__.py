@@ -7,7 +7,7 @@ tile-sparse masked units of the decoder). Under ``TRITON_INTERPRET=1`` (set befo
 the kernels run on the CPU.
 """
 from .binary_conv import Epilogue, PackedWeight, Residual, binary_conv2d, binary_conv2d_reference, pack_weight
-from .pack import PackedActivation, sign_pack, sign_pack_reference
+from .pack import PackedActivation, sign_pack, sign_pack_pair, sign_pack_reference
 from .sparse_unit import (
     TileList,
     active_tiles,
@@ -22,6 +22,7 @@ from .sparse_unit import (
 __all__ = [
     "PackedActivation",
     "sign_pack",
+    "sign_pack_pair",
     "sign_pack_reference",
     "PackedWeight",
     "pack_weight",

@@ -48,6 +48,7 @@ __all__ = [
     "pack_values",
     "unpack_values",
     "sign_pack",
+    "sign_pack_pair",
     "sign_pack_reference",
 ]
 
@@ -197,13 +198,35 @@ def sign_pack_reference(x: Tensor, bias: Tensor | None = None, layout: str = "NC
 # Triton kernel
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _sign_words(x, bias_ptr, c, c_ok, mask, shift, HAS_BIAS: tl.constexpr):
+    """Sign and nonzero words (BP, BW) of ``sign(x + bias)`` for a (BP, BW, 32) block of ``x``."""
+    if HAS_BIAS:
+        # sign(x + b) from exact comparisons with -b (see the module docstring); negating
+        # on load (exact) saves a launch per call.
+        t = -tl.load(bias_ptr + c, mask=c_ok, other=0.0)[None, :, :]
+        neg = (x < t) & mask
+        nonzero = (x != t) & mask
+    else:
+        neg = (x < 0) & mask
+        nonzero = (x != 0) & mask
+    # The shifted bits are distinct powers of two, so their int32 sum is their OR
+    # (1 << 31 is -2**31 and no partial sum overflows); tl.sum is vectorised by the
+    # interpreter, where a custom tl.reduce combine runs element by element.
+    return tl.sum(neg.to(tl.int32) << shift, axis=2), tl.sum(nonzero.to(tl.int32) << shift, axis=2)
+
+
+@triton.jit
 def _sign_pack_kernel(
     x_ptr,  # float, logical (N, C, H, W) with strides (sn, sc, sh, sw)
     bias_ptr,  # (C,) the bias (only read when HAS_BIAS)
     out_ptr,  # int32 (N, H, W, 2, CW)
+    bias2_ptr,  # PAIR: the second bias (only read when HAS_BIAS2)
+    out2_ptr,  # PAIR: the second packed output, int32 (N, H, W, 2, CW)
     sn, sc, sh, sw,
     P, C, H, W, CW,
     HAS_BIAS: tl.constexpr,
+    PAIR: tl.constexpr,  # also pack sign(x + bias2) into out2 (x read once for both)
+    HAS_BIAS2: tl.constexpr,
     BP: tl.constexpr,  # pixels per program
     BW: tl.constexpr,  # words per program
 ):
@@ -223,26 +246,16 @@ def _sign_pack_kernel(
     c_ok = c < C
     mask = p_ok[:, None, None] & c_ok[None, :, :]  # (BP, BW, 32)
     x = tl.load(x_ptr + base[:, None, None] + c[None, :, :].to(tl.int64) * sc, mask=mask, other=0.0)
-    if HAS_BIAS:
-        # sign(x + b) from exact comparisons with -b (see the module docstring); negating
-        # on load (exact) saves a launch per call.
-        t = -tl.load(bias_ptr + c, mask=c_ok, other=0.0)[None, :, :]
-        neg = (x < t) & mask
-        nonzero = (x != t) & mask
-    else:
-        neg = (x < 0) & mask
-        nonzero = (x != 0) & mask
-    # The shifted bits are distinct powers of two, so their int32 sum is their OR
-    # (1 << 31 is -2**31 and no partial sum overflows); tl.sum is vectorised by the
-    # interpreter, where a custom tl.reduce combine runs element by element.
     shift = bit[None, None, :]
-    sign_word = tl.sum(neg.to(tl.int32) << shift, axis=2)  # (BP, BW)
-    nz_word = tl.sum(nonzero.to(tl.int32) << shift, axis=2)
-
-    out = out_ptr + p.to(tl.int64)[:, None] * (2 * CW) + word[None, :]
+    out_off = p.to(tl.int64)[:, None] * (2 * CW) + word[None, :]
     smask = p_ok[:, None] & (word < CW)[None, :]
-    tl.store(out, sign_word, mask=smask)
-    tl.store(out + CW, nz_word, mask=smask)
+    sign_word, nz_word = _sign_words(x, bias_ptr, c, c_ok, mask, shift, HAS_BIAS)
+    tl.store(out_ptr + out_off, sign_word, mask=smask)
+    tl.store(out_ptr + out_off + CW, nz_word, mask=smask)
+    if PAIR:
+        sign_word2, nz_word2 = _sign_words(x, bias2_ptr, c, c_ok, mask, shift, HAS_BIAS2)
+        tl.store(out2_ptr + out_off, sign_word2, mask=smask)
+        tl.store(out2_ptr + out_off + CW, nz_word2, mask=smask)
 
 
 def sign_pack(x: Tensor, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
@@ -256,28 +269,53 @@ def sign_pack(x: Tensor, bias: Tensor | None = None, layout: str = "NCHW") -> Pa
     _check_activation(x, "x", layout)
     if not triton_can_run(x):
         return sign_pack_reference(x, bias, layout)
-    x = _as_nchw(x, layout)
+    return _launch_sign_pack(_as_nchw(x, layout), [bias])[0]
+
+
+def sign_pack_pair(
+    x: Tensor, bias: Tensor | None, bias2: Tensor | None, layout: str = "NCHW"
+) -> tuple[PackedActivation, PackedActivation]:
+    """``(sign_pack(x, bias), sign_pack(x, bias2))`` in one pass over ``x`` (one launch):
+    the two binary units of a decoder pair read the same input with their own LearnableBias.
+    Arguments as :func:`sign_pack`; falls back to :func:`sign_pack_reference` likewise."""
+    _check_activation(x, "x", layout)
+    if not triton_can_run(x):
+        return sign_pack_reference(x, bias, layout), sign_pack_reference(x, bias2, layout)
+    first, second = _launch_sign_pack(_as_nchw(x, layout), [bias, bias2])
+    return first, second
+
+
+def _bias_arg(bias: Tensor | None, x: Tensor, name: str) -> Tensor | None:
+    """``bias`` as a contiguous (C,) vector in the comparison dtype, or None."""
+    if bias is None:
+        return None
+    c = x.shape[1]
+    bias = _channel_vector(bias, c, name, x.device)
+    dtype = torch.promote_types(x.dtype, bias.dtype)
+    if interpreting() and dtype == torch.bfloat16:
+        dtype = torch.float32
+    return bias.to(dtype).contiguous()
+
+
+def _launch_sign_pack(x: Tensor, biases: list) -> list[PackedActivation]:
+    """One kernel launch packing ``sign(x + b)`` for each of the one or two ``biases``; x NCHW."""
     n, c, h, w = x.shape
     if c == 0:
         raise ValueError("x must have at least one channel")
     if interpreting() and x.dtype == torch.bfloat16:
         x = x.float()  # the interpreter compares bf16 as raw integers; widening is exact
-    if bias is not None:
-        bias = _channel_vector(bias, c, "bias", x.device)
-        nb_dtype = torch.promote_types(x.dtype, bias.dtype)
-        if interpreting() and nb_dtype == torch.bfloat16:
-            nb_dtype = torch.float32
-        bias_arg = bias.to(nb_dtype).contiguous()
-    else:
-        bias_arg = x  # never read
+    vectors = [_bias_arg(b, x, name) for b, name in zip(biases, ("bias", "bias2"))]
     cw = words_for(c)
-    out = torch.empty((n, h, w, 2, cw), dtype=torch.int32, device=x.device)
+    outs = [torch.empty((n, h, w, 2, cw), dtype=torch.int32, device=x.device) for _ in biases]
     p = n * h * w
-    if p == 0:
-        return PackedActivation(out, c)
-    bp, bw = (64, 2) if interpreting() else (64, 1)
-    grid = (triton.cdiv(p, bp), triton.cdiv(cw, bw))
-    _sign_pack_kernel[grid](
-        x, bias_arg, out, *x.stride(), p, c, h, w, cw, HAS_BIAS=bias is not None, BP=bp, BW=bw
-    )
-    return PackedActivation(out, c)
+    if p > 0:
+        bp, bw = (64, 2) if interpreting() else (64, 1)
+        pair = len(biases) == 2
+        grid = (triton.cdiv(p, bp), triton.cdiv(cw, bw))
+        _sign_pack_kernel[grid](
+            x, vectors[0] if vectors[0] is not None else x, outs[0],
+            (vectors[1] if vectors[1] is not None else x) if pair else x, outs[1] if pair else outs[0],
+            *x.stride(), p, c, h, w, cw,
+            HAS_BIAS=vectors[0] is not None, PAIR=pair, HAS_BIAS2=pair and vectors[1] is not None, BP=bp, BW=bw,
+        )
+    return [PackedActivation(out, c) for out in outs]

@@ -17,6 +17,7 @@ from bimatting_triton.kernels.pack import (
     PackedActivation,
     pack_values,
     sign_pack,
+    sign_pack_pair,
     sign_pack_reference,
     unpack_values,
     words_for,
@@ -125,6 +126,44 @@ def test_sign_pack_mixed_dtypes_are_exact():
     # float64 activations with a float32 bias
     x64 = _adversarial(1, c, 3, 4, bias.double().cpu(), torch.float64)
     assert torch.equal(sign_pack(x64, bias).bits, sign_pack_reference(x64, bias).bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("c", [5, 70])
+def test_sign_pack_pair_equals_two_packs(c, dtype):
+    # Two biases over one read of x (the decoder's 3x3 / 1x1 pair): each output is exactly
+    # the single pack with its own bias, adversarial values (x == -bias, neighbours) for both.
+    b1 = torch.randn(c, dtype=torch.float64).to(dtype)
+    b1[::3] = 0
+    b2 = torch.randn(c, dtype=torch.float64).to(dtype)
+    x = _adversarial(2, c, 5, 7, b1, dtype)
+    x2 = _adversarial(2, c, 5, 7, b2, dtype)
+    x[:, :, :, 3:] = x2[:, :, :, 3:]  # half the pixels are adversarial for the second bias
+    b1, b2 = b1.to(DEVICE), b2.to(DEVICE)
+    first, second = sign_pack_pair(x, b1.reshape(1, c, 1, 1), b2)
+    assert torch.equal(first.bits, sign_pack_reference(x, b1).bits)
+    assert torch.equal(second.bits, sign_pack_reference(x, b2).bits)
+    assert not torch.equal(first.bits, second.bits)
+    # either bias may be absent
+    for a, b in ((None, b2), (b1, None), (None, None)):
+        got = sign_pack_pair(x, a, b)
+        assert torch.equal(got[0].bits, sign_pack_reference(x, a).bits)
+        assert torch.equal(got[1].bits, sign_pack_reference(x, b).bits)
+
+
+def test_sign_pack_pair_strided_input_and_errors():
+    base = torch.randn(3, 90, 7, 6, device=DEVICE)
+    base[base.abs() < 0.3] = 0
+    x = base[:, ::2, :, 1:]  # non-contiguous (3, 45, 7, 5)
+    b1, b2 = torch.randn(45, device=DEVICE), torch.randn(45, device=DEVICE)
+    nhwc = x.permute(0, 2, 3, 1)
+    first, second = sign_pack_pair(nhwc, b1, b2, layout="NHWC")
+    assert torch.equal(first.bits, sign_pack_reference(x.contiguous(), b1).bits)
+    assert torch.equal(second.bits, sign_pack_reference(x.contiguous(), b2).bits)
+    with pytest.raises(ValueError, match="bias2 must have 45 elements"):
+        sign_pack_pair(x, b1, torch.randn(44, device=DEVICE))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        sign_pack_pair(x[0], b1, b2)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the fallback is for devices where Triton cannot run")
