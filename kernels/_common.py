@@ -29,9 +29,20 @@ __all__ = ["interpreting", "autotuning", "pow2", "triton_can_run", "hardware_pop
 KERNEL_STATS: dict[tuple[str, str], dict[str, int]] = {}
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+# Read once, when the kernels are imported: that is when Triton decides whether the
+# ``@triton.jit`` functions run under its interpreter, so a later change of the variable
+# would not change what the kernels are (and the launch sites ask this hundreds of times
+# a frame: an environment lookup each time cost ~0.5 ms a frame of host time).
+_INTERPRETING = _env_flag("TRITON_INTERPRET")
+
+
 def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` is set to a true value (kernels run on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+    """True when ``TRITON_INTERPRET`` was set to a true value at import (kernels run on the CPU)."""
+    return _INTERPRETING
 
 
 def autotuning() -> bool:
@@ -41,7 +52,7 @@ def autotuning() -> bool:
     configs, minutes of start-up for the whole model; the default is one heuristic tile
     per layer shape (see the kernels' ``_heuristic_config``).
     """
-    return os.environ.get("BIMATTING_AUTOTUNE", "0").strip().lower() not in ("", "0", "false", "no")
+    return _env_flag("BIMATTING_AUTOTUNE")
 
 
 def note_compiled(name: str, tile: dict, compiled) -> None:

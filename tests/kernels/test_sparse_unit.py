@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bimatting_triton.kernels import _common
 from bimatting_triton.kernels.binary_conv import Epilogue, Residual, binary_conv2d, binary_conv2d_reference, pack_weight
 from bimatting_triton.kernels.pack import sign_pack
 from bimatting_triton.kernels.sparse_unit import (
@@ -402,7 +403,7 @@ def test_fallback_without_triton(monkeypatch):
     e3, e1 = _epilogue("tanh"), _epilogue("tanh")
     tiles = active_tiles(mask5, TILE)
     want = sparse_unit(x3, w3, e3, x1, w1, e1, mask5.flatten(0, 1), tiles)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "interpreting", lambda: False)  # as without TRITON_INTERPRET
     fallback_tiles = active_tiles(mask5, TILE)
     assert torch.equal(fallback_tiles.index, active_tiles_reference(mask5, TILE).index)
     got = sparse_unit(x3, w3, e3, x1, w1, e1, mask5.flatten(0, 1), fallback_tiles)
