@@ -205,6 +205,18 @@ def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, 
     )
 
 
+def density_note(model) -> str | None:
+    """For a converted (fused) model after a forward: the fraction of each decoder level's
+    tiles its sparse units computed, e.g. 'active tiles d3 0.53 d2 0.44 d1 0.44 d0 0.36'
+    (random weights give whatever mask they give: say it next to the speed). None otherwise."""
+    from bimatting_triton.fuse_decoder import tile_densities
+
+    densities = tile_densities(getattr(model, "_orig_mod", model))
+    if not densities:
+        return None
+    return "active tiles " + " ".join(f"d{k.removeprefix('decode')} {v:.2f}" for k, v in densities.items())
+
+
 # --------------------------------------------------------------------------- profile
 def profile_stages(model, setting: Setting, device: torch.device, dtype_name: str) -> str:
     """Time per top-level stage (forward hooks) and the heaviest operators/kernels."""
@@ -356,6 +368,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                 m = run_variant(model, dtype_or_reason, setting, device, args.warmup, args.repeats,
                                 cuda_graph=args.cuda_graph)
                 m.variant, m.notes = name, [dtype_or_reason, *notes, *m.notes]
+                if name == "bimatting-fused" and (note := density_note(model)):
+                    m.notes.append(note)
                 results.append(m)
                 # Progress on stderr (stdout stays the table or the JSON): long runs show what they did.
                 print(f"  {name} {setting.label}: {m.ms_per_frame:.2f} ms/frame", file=sys.stderr, flush=True)

@@ -74,3 +74,21 @@ def test_cuda_graph_capture_failure_is_reported_and_timed_eagerly(throughput, mo
     m = throughput.run_variant(model, "float32", setting, throughput.torch.device("cpu"), 1, 1, cuda_graph=True)
     assert m.status == "ok" and m.fps > 0
     assert any("CUDA graph capture failed (RuntimeError" in note and "eager" in note for note in m.notes)
+
+
+def test_density_note_of_a_converted_model(throughput):
+    # The fused variant reports how much of each decoder level its sparse units computed
+    # (here on the CPU through the interpreter; on a GPU the same call follows its timing).
+    from bimatting_triton import BiMatting, convert
+
+    torch = throughput.torch
+    torch.manual_seed(0)
+    plain = BiMatting().eval()
+    assert throughput.density_note(plain) is None
+    fused = convert(plain)
+    with torch.inference_mode():
+        fused(torch.rand(1, 1, 3, 48, 64), downsample_ratio=1)
+    note = throughput.density_note(fused)
+    parts = note.split()
+    assert parts[:2] == ["active", "tiles"] and parts[2::2] == ["d3", "d2", "d1", "d0"]
+    assert all(0.0 <= float(v) <= 1.0 for v in parts[3::2])
