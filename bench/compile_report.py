@@ -108,11 +108,12 @@ def compile_layer(shape, tile: dict, arch: int, method: int = 0, kernel: str = "
 
 def default_tile(kernel: str, method: int, shape) -> dict:
     """The tile the library launches this layer with on CUDA (no autotuning)."""
-    cin, cout, h, w, k, s = shape
+    from kernels import output_pixels  # bench/kernels.py (this script's folder is on sys.path)
+
+    cin, cout = shape[:2]
     if kernel == "sparse":
         return dict(BM=0, **sparse_unit.sparse_heuristic_config(method, cout, words_for(cin) * 32))
-    m = ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
-    return binary_conv._heuristic_config(method, m, cout, words_for(cin) * 32)
+    return binary_conv._heuristic_config(method, output_pixels(shape), cout, words_for(cin) * 32)
 
 
 def _parse_tile(text: str) -> dict:

@@ -68,6 +68,12 @@ SHAPES = layer_shapes() if torch.cuda.is_available() else []
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and cuDNN fp16 need CUDA")
 
 
+def output_pixels(shape) -> int:
+    """Output pixels per image, Ho * Wo, of a (Cin, Cout, H, W, k, stride) layer with k // 2 padding."""
+    _, _, h, w, k, s = shape
+    return ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
+
+
 def _ids(shape):
     cin, cout, h, w, k, s = shape
     return f"{k}x{k}s{s}-{cin}to{cout}-{w}x{h}"
@@ -108,9 +114,8 @@ def test_packed_conv(benchmark, shape, method):
     _, packed_x, packed_w, epilogue, _, _ = _inputs(shape)
     benchmark.group = _ids(shape)
     benchmark.name = f"packed-{method}"
-    cin, cout, h, w, k, s = shape
-    m = ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
-    benchmark.extra_info["config"] = str(_heuristic_config(0 if method == "dot" else 1, m, cout, packed_x.words * 32))
+    benchmark.extra_info["config"] = str(
+        _heuristic_config(0 if method == "dot" else 1, output_pixels(shape), shape[1], packed_x.words * 32))
     _timed(benchmark, lambda: binary_conv2d(packed_x, packed_w, epilogue, method=method))
 
 

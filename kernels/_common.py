@@ -58,7 +58,7 @@ def autotuning() -> bool:
 def note_compiled(name: str, tile: dict, compiled) -> None:
     """Record the registers and spills of a launched kernel (``kernel[grid](...)``'s return
     value, a triton ``CompiledKernel``) when ``BIMATTING_KERNEL_STATS=1``; else nothing."""
-    if os.environ.get("BIMATTING_KERNEL_STATS", "0") in ("", "0"):
+    if not _env_flag("BIMATTING_KERNEL_STATS"):
         return
     regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
     if regs is None:  # the interpreter and autotuner wrappers return no compiled kernel
