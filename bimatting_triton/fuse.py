@@ -142,8 +142,9 @@ class BinaryConvUnit(nn.Module):
     def packed_weight(self) -> PackedWeight:
         return PackedWeight(self.bits, self.alpha, self.in_channels, self.stride, self.padding, self.int8)
 
-    def pack(self, x: Tensor) -> PackedActivation:
-        """``sign(in_bias(x))`` packed; x (N, Cin, H, W) float."""
+    def pack(self, x: Tensor | Sequence[Tensor]) -> PackedActivation:
+        """``sign(in_bias(x))`` packed; x (N, Cin, H, W) float, or up to 3 tensors (N, Ci, H, W)
+        read as their concatenation along the channels (see ``sign_pack``)."""
         fn = sign_pack_reference if self.backend == "reference" else sign_pack
         return fn(x, self.in_bias)
 
@@ -214,8 +215,9 @@ class FusedSequential(nn.Module):
         self.ops = nn.ModuleList(ops)
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        packed: PackedActivation | None = None
+    def forward(self, x: Tensor | None, packed: PackedActivation | None = None) -> Tensor:
+        """x (N, C, H, W) float; ``packed``: if the sequence starts with a binary unit, its
+        input already packed with its LearnableBias (then ``x`` is not read and may be None)."""
         for i, op in enumerate(self.ops):
             if not isinstance(op, BinaryConvUnit):
                 x = op(x)

@@ -13,7 +13,9 @@ forward, built on the device, shared by the block's conv and, frame by frame, it
   -> BN -> LB -> PReLU, both fused in the kernels' epilogue), then the GRU.
 * :class:`FusedMaskedConvGRU`: per frame, ``(r, z) = ih(g) * m + ih_1x1(g)`` and
   ``cand = hh(g') * m + hh_1x1(g')``, with the gate's bias, LearnableBias and sigmoid /
-  tanh in the epilogue; the gating ``h = (1 - z) h + z cand`` stays in PyTorch.
+  tanh in the epilogue; the gating ``h = (1 - z) h + z cand`` is one ``torch.lerp``
+  written straight into the block's output.
+* :class:`FusedConvGRU`: the bottleneck's dense ``ConvGRU`` (decode4.gru) the same way.
 * :class:`FusedOutputBlock` (decode0): the masked branch is a binary 3x3 unit (BN, ReLU)
   followed by a float 3x3 conv (16 -> 16, BN, ReLU). The float conv needs its input on a
   one-pixel ring around every masked pixel, so the binary unit runs on the tiles of the
@@ -22,6 +24,11 @@ forward, built on the device, shared by the block's conv and, frame by frame, it
   (:func:`~bimatting_triton.kernels.sparse_unit.sparse_float_conv2d`). Pixels of those
   tiles whose 3x3 ring reaches an uncomputed (zero) pixel have ``m == 0``: their
   finite value is multiplied by 0. The 1x1 branch (binary 1x1, float 1x1) is dense.
+
+No concatenation is built: a unit's input ``cat([x, skip, source])`` (or the GRU's
+``[x, h]``) is packed straight from its parts (``sign_pack_pair`` on a list of tensors),
+and the upsampling block's GRU overwrites the half of the block's output it reads, so
+the block's ``cat([a, gru(b)])`` is that output itself.
 
 ``backend='reference'`` computes the same blocks densely with the plain-PyTorch
 references (``branch3x3 * m + branch1x1`` over every pixel); the tile lists are still
@@ -55,9 +62,10 @@ from .kernels.sparse_unit import (
     sparse_unit_reference,
 )
 from .model.common import per_frame, upsample2x
-from .model.decoder import MaskedConvGRU, OutputBlock, UpsamplingBlock
+from .model.decoder import ConvGRU, MaskedConvGRU, OutputBlock, UpsamplingBlock
 
 __all__ = [
+    "FusedConvGRU",
     "FusedMaskedConvGRU",
     "FusedUpsamplingBlock",
     "FusedOutputBlock",
@@ -77,11 +85,11 @@ def _single_unit(seq: nn.Sequential, backend: str, name: str) -> tuple[BinaryCon
 
 
 def _gated_unit(seq: nn.Sequential, backend: str, name: str) -> BinaryConvUnit:
-    """``LB -> sign -> BiConv(bias) -> LB -> Sigmoid | Tanh`` as one unit with the activation fused."""
+    """``LB -> sign -> BiConv(bias) -> [LB] -> Sigmoid | Tanh`` as one unit with the activation fused."""
     unit, rest = _single_unit(seq, backend, name)
     acts = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
     if len(rest) != 1 or type(rest[0]) not in acts or unit.act is not None or unit.bias_b is not None:
-        raise ValueError(f"{name}: expected LB -> sign -> BiConv2d -> LB -> Sigmoid/Tanh, got {seq}")
+        raise ValueError(f"{name}: expected LB -> sign -> BiConv2d -> [LB] -> Sigmoid/Tanh, got {seq}")
     unit.act = acts[type(rest[0])]  # applied in the kernel epilogue after bias_a (the LB)
     return unit
 
@@ -91,12 +99,21 @@ def _epilogue(unit: BinaryConvUnit) -> Epilogue:
                     prelu_weight=unit.slope, bias_b=unit.bias_b)
 
 
-def _masked_pair(unit3: BinaryConvUnit, unit1: BinaryConvUnit, y: Tensor, mask: Tensor, tiles: TileList) -> Tensor:
-    """``unit3(y) * mask + unit1(y)``: y (N, Cin, H, W) float, mask (N, 1, H, W) -> (N, Cout, H, W)."""
-    if unit3.backend == "reference":
-        x3, x1 = unit3.pack(y), unit1.pack(y)
-    else:  # both units' LearnableBias + sign + pack in one pass over y
-        x3, x1 = sign_pack_pair(y, unit3.in_bias, unit1.in_bias)
+def _pack_pair(unit_a: BinaryConvUnit, unit_b: BinaryConvUnit, sources: list[Tensor]):
+    """The input of two units that read the same tensor, packed with each one's LearnableBias.
+
+    ``sources``: 1 to 3 float (N, Ci, H, W) tensors read as their channel concatenation
+    (``torch.cat(sources, 1)`` is never built). One pass and one launch with the kernels."""
+    if unit_a.backend == "reference":
+        return unit_a.pack(sources), unit_b.pack(sources)
+    return sign_pack_pair(sources, unit_a.in_bias, unit_b.in_bias)
+
+
+def _masked_pair(unit3: BinaryConvUnit, unit1: BinaryConvUnit, sources: list[Tensor], mask: Tensor,
+                 tiles: TileList) -> Tensor:
+    """``unit3(y) * mask + unit1(y)`` with ``y = cat(sources, 1)`` (N, Cin, H, W) float,
+    mask (N, 1, H, W) -> (N, Cout, H, W)."""
+    x3, x1 = _pack_pair(unit3, unit1, sources)
     args = (x3, unit3.packed_weight(), _epilogue(unit3), x1, unit1.packed_weight(), _epilogue(unit1), mask)
     if unit3.backend == "reference":
         return sparse_unit_reference(*args)
@@ -144,21 +161,54 @@ class FusedMaskedConvGRU(_SparseBlock):
         return [self.ih, self.hh]
 
     @torch.no_grad()
-    def forward(self, x: Tensor, h: Tensor | None, mask: Tensor, tiles: TileList | None = None):
+    def forward(self, x: Tensor, h: Tensor | None, mask: Tensor, tiles: TileList | None = None,
+                out: Tensor | None = None):
+        """``out``: where to write the outputs (B, T, c, H, W), e.g. ``x`` itself (frame t of x
+        is read before frame t of the output is written); a new tensor if None."""
         if tiles is None:
             tiles = self.tiles_for(mask)
         self.last_tiles = {"binary": tiles}
         if h is None:
             h = x.new_zeros(x.shape[0], *x.shape[2:])
-        outputs = []
+        outputs = torch.empty_like(x) if out is None else out
         for t in range(x.shape[1]):
             xt, m, tt = x[:, t], mask[:, t], tiles.select(t)
-            gates = _masked_pair(self.ih, self.ih_1x1, torch.cat([xt, h], dim=1), m, tt)
+            gates = _masked_pair(self.ih, self.ih_1x1, [xt, h], m, tt)
             reset, update = gates.split(self.channels, dim=1)
-            cand = _masked_pair(self.hh, self.hh_1x1, torch.cat([xt, reset * h], dim=1), m, tt)
-            h = (1 - update) * h + update * cand
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+            cand = _masked_pair(self.hh, self.hh_1x1, [xt, reset * h], m, tt)
+            h = _gru_update(h, cand, update, outputs[:, t])
+        return outputs, h
+
+
+def _gru_update(h: Tensor, cand: Tensor, update: Tensor, out: Tensor) -> Tensor:
+    """The GRU's ``(1 - z) h + z cand`` as one ``torch.lerp`` written into ``out`` (one launch
+    instead of four; equal up to rounding), returned."""
+    return torch.lerp(h, cand, update, out=out)
+
+
+class FusedConvGRU(nn.Module):
+    """The bottleneck's ``ConvGRU`` (decode4.gru, dense): each unit's input ``[x, h]`` /
+    ``[x, reset * h]`` packed without a concatenation, gate activations in the kernels'
+    epilogue, the update as one ``lerp``. Same forward(x, h) as the plain one."""
+
+    def __init__(self, gru: ConvGRU, backend: str = "auto"):
+        super().__init__()
+        self.channels = gru.channels
+        self.ih = _gated_unit(gru.ih, backend, "gru.ih")
+        self.hh = _gated_unit(gru.hh, backend, "gru.hh")
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x (B, T, c, H, W), h (B, c, H, W) or None (zeros) -> (outputs (B, T, c, H, W), last h)."""
+        if h is None:
+            h = x.new_zeros(x.shape[0], *x.shape[2:])
+        outputs = torch.empty_like(x)
+        for t in range(x.shape[1]):
+            xt = x[:, t]
+            reset, update = self.ih.run(self.ih.pack([xt, h])).y.split(self.channels, dim=1)
+            cand = self.hh.run(self.hh.pack([xt, reset * h])).y
+            h = _gru_update(h, cand, update, outputs[:, t])
+        return outputs, h
 
 
 class FusedUpsamplingBlock(_SparseBlock):
@@ -181,13 +231,15 @@ class FusedUpsamplingBlock(_SparseBlock):
         """x (B,T,Cin,h,w), f (B,T,Cskip,H,W), s (B,T,3,H,W), mask (B,T,1,H,W) -> (B,T,Cout,H,W), r."""
         b, t = s.shape[:2]
         x = _crop_upsample(x, s.shape[-2:])
-        y = torch.cat([x, f, s], dim=2).flatten(0, 1)
         tiles = self.tiles_for(mask)
         self.last_tiles = {"binary": tiles}
-        y = _masked_pair(self.conv, self.conv_1x1, y, mask.flatten(0, 1), tiles).unflatten(0, (b, t))
-        a, bb = y.split(self.out_channels // 2, dim=2)
-        bb, r = self.gru(bb, r, mask, tiles)
-        return torch.cat([a, bb], dim=2), r
+        sources = [x.flatten(0, 1), f.flatten(0, 1), s.flatten(0, 1)]  # packed as their concatenation
+        y = _masked_pair(self.conv, self.conv_1x1, sources, mask.flatten(0, 1), tiles).unflatten(0, (b, t))
+        # The GRU runs on the second half and overwrites it with its outputs: y is then
+        # cat([first half, GRU outputs]) with no concatenation.
+        _, bb = y.split(self.out_channels // 2, dim=2)
+        _, r = self.gru(bb, r, mask, tiles, out=bb)
+        return y, r
 
 
 class FusedOutputBlock(_SparseBlock):
@@ -213,6 +265,8 @@ class FusedOutputBlock(_SparseBlock):
         self.register_buffer("float_scale", scale)
         self.register_buffer("float_shift", shift)
         self.conv_1x1 = FusedSequential(block.conv_1x1, backend)
+        if not isinstance(self.conv_1x1.ops[0], BinaryConvUnit):
+            raise ValueError(f"OutputBlock.conv_1x1: expected a binary unit first, got {block.conv_1x1}")
 
     def masked_units(self) -> list[BinaryConvUnit]:
         return [self.binary]
@@ -222,24 +276,25 @@ class FusedOutputBlock(_SparseBlock):
         """x (B,T,Cin,h,w), s (B,T,3,H,W), mask (B,T,1,H,W) -> (B,T,Cout,H,W)."""
         b, t = s.shape[:2]
         x = _crop_upsample(x, s.shape[-2:])
-        y = torch.cat([x, s], dim=2).flatten(0, 1)
+        sources = [x.flatten(0, 1), s.flatten(0, 1)]  # packed as their concatenation y
         m = mask.flatten(0, 1)
         grown, tiles = self.tiles_for(mask, halo=1), self.tiles_for(mask)
         self.last_tiles = {"binary": grown, "float": tiles}
-        out = self.conv_1x1(y)  # the dense 1x1 branch: a fresh tensor, updated in place below
         unit = self.binary
+        packed, packed_1x1 = _pack_pair(unit, self.conv_1x1.ops[0], sources)
+        out = self.conv_1x1(None, packed=packed_1x1)  # the dense 1x1 branch: a fresh tensor, updated in place below
         if self.backend == "reference":
-            z = binary_conv2d_reference(unit.pack(y), unit.packed_weight(), _epilogue(unit)).y
+            z = binary_conv2d_reference(packed, unit.packed_weight(), _epilogue(unit)).y
             cout = z.shape[1]
             z = F.conv2d(z, self.float_weight, padding=self.float_weight.shape[2] // 2)
             z = torch.relu(z * self.float_scale.reshape(1, cout, 1, 1) + self.float_shift.reshape(1, cout, 1, 1))
             return (z.to(out.dtype) * m.to(out.dtype) + out).unflatten(0, (b, t))
         # Binary 3x3 unit on the grown tiles into a zeroed buffer (finite everywhere) ...
-        n, _, h, w = y.shape
+        n, _, h, w = out.shape
         z = torch.zeros((n, h, w, unit.out_channels), dtype=out.dtype, device=out.device).permute(0, 3, 1, 2)
         epi = _epilogue(unit)
         epi.out = z
-        sparse_binary_conv2d(unit.pack(y), unit.packed_weight(), epi, grown)
+        sparse_binary_conv2d(packed, unit.packed_weight(), epi, grown)
         # ... then the float 3x3 + BN + ReLU, `* m + conv_1x1(y)`, on the mask's own tiles.
         sparse_float_conv2d(z, self.float_weight, self.float_scale, self.float_shift, "relu", out, tiles,
                             mask=m, addend=out)
@@ -248,11 +303,13 @@ class FusedOutputBlock(_SparseBlock):
 
 def fuse_decoder_block(module: nn.Module, backend: str = "auto") -> nn.Module | None:
     """The fused replacement of a decoder block (``UpsamplingBlock``, ``MaskedConvGRU``,
-    ``OutputBlock``), or None for any other module (``convert``'s hook)."""
+    ``OutputBlock``, the bottleneck's ``ConvGRU``), or None for any other module (``convert``'s hook)."""
     if isinstance(module, UpsamplingBlock):
         return FusedUpsamplingBlock(module, backend)
     if isinstance(module, MaskedConvGRU):
         return FusedMaskedConvGRU(module, backend)
+    if isinstance(module, ConvGRU):
+        return FusedConvGRU(module, backend)
     if isinstance(module, OutputBlock):
         return FusedOutputBlock(module, backend)
     return None

@@ -167,6 +167,32 @@ def _as_nchw(x: Tensor, layout: str) -> Tensor:
     raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
 
 
+MAX_SOURCES = 3  # tensors one pack reads as their channel concatenation (the decoder's [x, skip, src])
+
+
+def _sources(x, layout: str) -> list[Tensor]:
+    """``x`` (one tensor, or a list/tuple of up to 3 read as ``torch.cat(x, dim=channels)``)
+    checked and seen as NCHW views (no copy)."""
+    if isinstance(x, Tensor):
+        _check_activation(x, "x", layout)
+        return [_as_nchw(x, layout)]
+    if not isinstance(x, (list, tuple)) or not 1 <= len(x) <= MAX_SOURCES:
+        raise TypeError(f"x must be a tensor or a list/tuple of 1 to {MAX_SOURCES} tensors, got "
+                        f"{type(x).__name__}{f' of {len(x)}' if isinstance(x, (list, tuple)) else ''}")
+    views = []
+    for i, t in enumerate(x):
+        _check_activation(t, f"x[{i}]", layout)
+        v = _as_nchw(t, layout)
+        if views and (v.dtype, v.device) != (views[0].dtype, views[0].device):
+            raise ValueError(f"x[{i}] is {v.dtype} on {v.device}, expected {views[0].dtype} on {views[0].device} "
+                             "like x[0]")
+        if views and (v.shape[0], *v.shape[2:]) != (views[0].shape[0], *views[0].shape[2:]):
+            raise ValueError(f"x[{i}] has (N, H, W) = {(v.shape[0], *v.shape[2:])}, expected "
+                             f"{(views[0].shape[0], *views[0].shape[2:])} like x[0] (channels may differ)")
+        views.append(v)
+    return views
+
+
 def _channel_vector(v, channels: int, name: str, device: torch.device) -> Tensor:
     """``v`` (any shape with ``channels`` elements, e.g. LearnableBias's (1, C, 1, 1)) -> (C,)."""
     if not isinstance(v, Tensor):
@@ -180,14 +206,16 @@ def _channel_vector(v, channels: int, name: str, device: torch.device) -> Tensor
     return v.reshape(channels)
 
 
-def sign_pack_reference(x: Tensor, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
+def sign_pack_reference(x, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
     """Plain-PyTorch ``pack(torch.sign(x + bias))``: the model's LearnableBias + BinaryActivation.
 
-    ``x``: float (N, C, H, W) (``layout='NCHW'``) or (N, H, W, C) (``'NHWC'``), any strides.
-    ``bias``: ``C`` elements (e.g. ``LearnableBias.bias`` of shape (1, C, 1, 1)) or None.
+    ``x``: float (N, C, H, W) (``layout='NCHW'``) or (N, H, W, C) (``'NHWC'``), any strides;
+    or a list/tuple of up to 3 such tensors (same N, H, W, dtype, device), packed as their
+    concatenation along the channels. ``bias``: ``C`` elements (e.g. ``LearnableBias.bias``
+    of shape (1, C, 1, 1); C in all) or None.
     """
-    _check_activation(x, "x", layout)
-    x = _as_nchw(x, layout)
+    sources = _sources(x, layout)
+    x = sources[0] if len(sources) == 1 else torch.cat(sources, dim=1)
     c = x.shape[1]
     if bias is not None:
         x = x + _channel_vector(bias, c, "bias", x.device).reshape(1, c, 1, 1)
@@ -216,14 +244,29 @@ def _sign_words(x, bias_ptr, c, c_ok, mask, shift, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _source_offsets(p, sn, sh, sw, H, W):
+    """(BP,) int64 offsets of pixels ``p = n*H*W + h*W + w`` in a source with strides (sn, sh, sw)."""
+    hw = H * W
+    n = p // hw
+    h = (p % hw) // W
+    w = p % W
+    return n.to(tl.int64) * sn + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+
+
+@triton.jit
 def _sign_pack_kernel(
-    x_ptr,  # float, logical (N, C, H, W) with strides (sn, sc, sh, sw)
+    x_ptr,  # float, source 0: logical (N, C0, H, W) with strides (sn, sc, sh, sw)
+    x1_ptr,  # SOURCES >= 2: source 1, (N, C1, H, W), strides s1*; its channels follow source 0's
+    x2_ptr,  # SOURCES == 3: source 2, (N, C2, H, W), strides s2*
     bias_ptr,  # (C,) the bias (only read when HAS_BIAS)
     out_ptr,  # int32 (N, H, W, 2, CW)
     bias2_ptr,  # PAIR: the second bias (only read when HAS_BIAS2)
     out2_ptr,  # PAIR: the second packed output, int32 (N, H, W, 2, CW)
     sn, sc, sh, sw,
-    P, C, H, W, CW,
+    s1n, s1c, s1h, s1w,
+    s2n, s2c, s2h, s2w,
+    P, C, C0, C01, H, W, CW,  # C = C0 + C1 + C2 channels in all; C01 = C0 + C1
+    SOURCES: tl.constexpr,  # 1, 2 or 3 tensors read as their channel concatenation
     HAS_BIAS: tl.constexpr,
     PAIR: tl.constexpr,  # also pack sign(x + bias2) into out2 (x read once for both)
     HAS_BIAS2: tl.constexpr,
@@ -234,18 +277,30 @@ def _sign_pack_kernel(
     pid_w = tl.program_id(1)
     p = pid_p * BP + tl.arange(0, BP)  # (BP,) pixel index n*H*W + h*W + w
     p_ok = p < P
-    hw = H * W
-    n = p // hw
-    h = (p % hw) // W
-    w = p % W
-    base = n.to(tl.int64) * sn + h.to(tl.int64) * sh + w.to(tl.int64) * sw  # (BP,)
 
     word = pid_w * BW + tl.arange(0, BW)  # (BW,)
     bit = tl.arange(0, 32)  # (32,)
-    c = word[:, None] * 32 + bit[None, :]  # (BW, 32) channel index
+    c = word[:, None] * 32 + bit[None, :]  # (BW, 32) channel index of the concatenation
     c_ok = c < C
     mask = p_ok[:, None, None] & c_ok[None, :, :]  # (BP, BW, 32)
-    x = tl.load(x_ptr + base[:, None, None] + c[None, :, :].to(tl.int64) * sc, mask=mask, other=0.0)
+    # Channel c comes from source 0 below C0, source 1 in [C0, C01), source 2 from C01 on
+    # (one source: C0 == C01 == C). Each load is masked to its own channel range, so an
+    # address computed with a negative channel offset is never read.
+    base = _source_offsets(p, sn, sh, sw, H, W)
+    x = tl.load(x_ptr + base[:, None, None] + c[None, :, :].to(tl.int64) * sc,
+                mask=mask & (c < C0)[None, :, :], other=0.0)
+    if SOURCES >= 2:
+        base1 = _source_offsets(p, s1n, s1h, s1w, H, W)
+        in1 = (c >= C0) & (c < C01)
+        x1 = tl.load(x1_ptr + base1[:, None, None] + (c - C0)[None, :, :].to(tl.int64) * s1c,
+                     mask=mask & in1[None, :, :], other=0.0)
+        x = tl.where(in1[None, :, :], x1, x)
+    if SOURCES >= 3:
+        base2 = _source_offsets(p, s2n, s2h, s2w, H, W)
+        in2 = c >= C01
+        x2 = tl.load(x2_ptr + base2[:, None, None] + (c - C01)[None, :, :].to(tl.int64) * s2c,
+                     mask=mask & in2[None, :, :], other=0.0)
+        x = tl.where(in2[None, :, :], x2, x)
     shift = bit[None, None, :]
     out_off = p.to(tl.int64)[:, None] * (2 * CW) + word[None, :]
     smask = p_ok[:, None] & (word < CW)[None, :]
@@ -258,64 +313,75 @@ def _sign_pack_kernel(
         tl.store(out2_ptr + out_off + CW, nz_word2, mask=smask)
 
 
-def sign_pack(x: Tensor, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
+def sign_pack(x, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActivation:
     """Fused LearnableBias + sign + bit-pack: ``pack(torch.sign(x + bias))``, exactly.
 
     ``x``: float (N, C, H, W) for ``layout='NCHW'`` or (N, H, W, C) for ``'NHWC'``; any
-    float dtype and any strides (no copy is made). ``bias``: ``C`` elements or None.
+    float dtype and any strides (no copy is made). Or a list/tuple of up to 3 such tensors
+    with the same N, H, W, dtype and device: packed as ``torch.cat(x, dim=channels)``
+    without building the concatenation (the decoder's ``[upsampled, skip, source]``).
+    ``bias``: ``C`` elements (C: all channels) or None.
     Returns a :class:`PackedActivation` (bits (N, H, W, 2, ceil(C/32)) int32). Runs the
     Triton kernel on CUDA or under ``TRITON_INTERPRET=1``, else :func:`sign_pack_reference`.
     """
-    _check_activation(x, "x", layout)
-    if not triton_can_run(x):
-        return sign_pack_reference(x, bias, layout)
-    return _launch_sign_pack(_as_nchw(x, layout), [bias])[0]
+    sources = _sources(x, layout)
+    if not triton_can_run(sources[0]):
+        return sign_pack_reference(sources, bias)
+    return _launch_sign_pack(sources, [bias])[0]
 
 
 def sign_pack_pair(
-    x: Tensor, bias: Tensor | None, bias2: Tensor | None, layout: str = "NCHW"
+    x, bias: Tensor | None, bias2: Tensor | None, layout: str = "NCHW"
 ) -> tuple[PackedActivation, PackedActivation]:
     """``(sign_pack(x, bias), sign_pack(x, bias2))`` in one pass over ``x`` (one launch):
     the two binary units of a decoder pair read the same input with their own LearnableBias.
-    Arguments as :func:`sign_pack`; falls back to :func:`sign_pack_reference` likewise."""
-    _check_activation(x, "x", layout)
-    if not triton_can_run(x):
-        return sign_pack_reference(x, bias, layout), sign_pack_reference(x, bias2, layout)
-    first, second = _launch_sign_pack(_as_nchw(x, layout), [bias, bias2])
+    Arguments as :func:`sign_pack` (``x`` may be a list of tensors); falls back to
+    :func:`sign_pack_reference` likewise."""
+    sources = _sources(x, layout)
+    if not triton_can_run(sources[0]):
+        return sign_pack_reference(sources, bias), sign_pack_reference(sources, bias2)
+    first, second = _launch_sign_pack(sources, [bias, bias2])
     return first, second
 
 
-def _bias_arg(bias: Tensor | None, x: Tensor, name: str) -> Tensor | None:
+def _bias_arg(bias: Tensor | None, x: Tensor, channels: int, name: str) -> Tensor | None:
     """``bias`` as a contiguous (C,) vector in the comparison dtype, or None."""
     if bias is None:
         return None
-    c = x.shape[1]
-    bias = _channel_vector(bias, c, name, x.device)
-    dtype = torch.promote_types(x.dtype, bias.dtype)
+    bias = _channel_vector(bias, channels, name, x.device)
+    dtype = x.dtype if bias.dtype == x.dtype else torch.promote_types(x.dtype, bias.dtype)
     if interpreting() and dtype == torch.bfloat16:
         dtype = torch.float32
     return bias.to(dtype).contiguous()
 
 
-def _launch_sign_pack(x: Tensor, biases: list) -> list[PackedActivation]:
-    """One kernel launch packing ``sign(x + b)`` for each of the one or two ``biases``; x NCHW."""
-    n, c, h, w = x.shape
+def _launch_sign_pack(sources: list[Tensor], biases: list) -> list[PackedActivation]:
+    """One kernel launch packing ``sign(cat(sources) + b)`` for each of the one or two
+    ``biases``; ``sources``: 1 to 3 NCHW tensors checked by :func:`_sources`."""
+    if interpreting() and sources[0].dtype == torch.bfloat16:
+        sources = [s.float() for s in sources]  # the interpreter compares bf16 as raw integers; widening is exact
+    x = sources[0]
+    n, _, h, w = x.shape
+    widths = [s.shape[1] for s in sources]
+    c = sum(widths)
     if c == 0:
         raise ValueError("x must have at least one channel")
-    if interpreting() and x.dtype == torch.bfloat16:
-        x = x.float()  # the interpreter compares bf16 as raw integers; widening is exact
-    vectors = [_bias_arg(b, x, name) for b, name in zip(biases, ("bias", "bias2"))]
+    vectors = [_bias_arg(b, x, c, name) for b, name in zip(biases, ("bias", "bias2"))]
     cw = words_for(c)
     outs = [torch.empty((n, h, w, 2, cw), dtype=torch.int32, device=x.device) for _ in biases]
     p = n * h * w
     if p > 0:
         bp, bw = (64, 2) if interpreting() else (64, 1)
         pair = len(biases) == 2
+        # Unused source slots repeat source 0 (never read: their channel ranges are empty).
+        padded = sources + [x] * (MAX_SOURCES - len(sources))
         grid = (triton.cdiv(p, bp), triton.cdiv(cw, bw))
         _sign_pack_kernel[grid](
-            x, vectors[0] if vectors[0] is not None else x, outs[0],
+            *padded, vectors[0] if vectors[0] is not None else x, outs[0],
             (vectors[1] if vectors[1] is not None else x) if pair else x, outs[1] if pair else outs[0],
-            *x.stride(), p, c, h, w, cw,
-            HAS_BIAS=vectors[0] is not None, PAIR=pair, HAS_BIAS2=pair and vectors[1] is not None, BP=bp, BW=bw,
+            *(stride for s in padded for stride in s.stride()),
+            p, c, widths[0], sum(widths[:2]), h, w, cw,
+            SOURCES=len(sources), HAS_BIAS=vectors[0] is not None, PAIR=pair,
+            HAS_BIAS2=pair and vectors[1] is not None, BP=bp, BW=bw,
         )
     return [PackedActivation(out, c) for out in outs]

@@ -16,6 +16,7 @@ import torch
 
 from bimatting_triton.fuse import convert
 from bimatting_triton.fuse_decoder import (
+    FusedConvGRU,
     FusedMaskedConvGRU,
     FusedOutputBlock,
     FusedUpsamplingBlock,
@@ -131,6 +132,23 @@ def test_gru_alone_and_reference_backend(decoder):
     assert fuse_decoder_block(torch.nn.ReLU()) is None
 
 
+@pytest.mark.parametrize("with_state", [True, False])
+def test_bottleneck_gru_matches_plain(decoder, with_state):
+    plain_gru = decoder.decode4.gru  # ConvGRU(64): dense 3x3 units, sigmoid / tanh gates
+    x = _rand(B, 3, 64, 3, 5)[:, :, :, :, 1:]  # T = 3 frames, a non-contiguous input
+    h = _rand(B, 64, 3, 4) if with_state else None
+    with torch.no_grad():
+        want, want_h = plain_gru(x, h)
+    fused = fuse_decoder_block(plain_gru)
+    assert isinstance(fused, FusedConvGRU)
+    got, got_h = fused(x, h)
+    assert_close(got, want, "gru out")
+    assert_close(got_h, want_h, "gru h")
+    assert torch.equal(got[:, -1], got_h)
+    ref, ref_h = FusedConvGRU(plain_gru, backend="reference")(x, h)
+    assert_close(ref, want, "reference gru out")
+
+
 def test_convert_wires_the_sparse_blocks_and_reports_sparsity(model):
     # (Golden weights: with an untrained model, values within rounding of 0 reach a sign()
     # and any two correct implementations can differ by O(1) there.)
@@ -138,6 +156,7 @@ def test_convert_wires_the_sparse_blocks_and_reports_sparsity(model):
     dec = fused.decoder
     assert all(isinstance(getattr(dec, f"decode{i}"), FusedUpsamplingBlock) for i in (1, 2, 3))
     assert isinstance(dec.decode0, FusedOutputBlock)
+    assert isinstance(dec.decode4.gru, FusedConvGRU)
     assert sparsity_report(fused) == {}  # nothing ran yet
     src = torch.rand(1, 2, 3, 48, 80, dtype=torch.float64, device=DEVICE)
     with torch.no_grad():

@@ -167,12 +167,63 @@ def test_sign_pack_pair_strided_input_and_errors():
         sign_pack_pair(x[0], b1, b2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("widths", [(20, 45, 3), (32, 1), (1, 1, 1), (64, 16, 3), (70,)])
+def test_sign_pack_of_sources_equals_pack_of_their_concatenation(widths, dtype):
+    # The decoder packs [upsampled, skip, source] without torch.cat: channel c of source i
+    # lands on bit (offset_i + c) % 32 of word (offset_i + c) // 32, words shared across the
+    # boundary (20 + 45 splits a word), bias values exact zeros of x + bias on both sides.
+    c = sum(widths)
+    b1 = torch.randn(c, dtype=torch.float64).to(dtype)
+    b1[::3] = 0
+    b2 = torch.randn(c, dtype=torch.float64).to(dtype)
+    whole = _adversarial(2, c, 5, 7, b1, dtype)
+    parts = list(whole.split(widths, dim=1))
+    # non-contiguous sources: one channels_last, one a strided view of a bigger tensor
+    parts[0] = parts[0].contiguous(memory_format=torch.channels_last)
+    if len(parts) > 1:
+        big = torch.zeros(2, 2 * widths[1], 5, 9, dtype=dtype, device=DEVICE)
+        big[:, ::2, :, 1:8] = parts[1]
+        parts[1] = big[:, ::2, :, 1:8]
+    b1, b2 = b1.to(DEVICE), b2.to(DEVICE)
+    ref1, ref2 = sign_pack_reference(whole, b1), sign_pack_reference(whole, b2)
+    assert torch.equal(sign_pack(parts, b1).bits, ref1.bits)
+    assert torch.equal(sign_pack(tuple(parts)).bits, sign_pack_reference(whole).bits)
+    assert torch.equal(sign_pack_reference(parts, b1).bits, ref1.bits)
+    first, second = sign_pack_pair(parts, b1, b2)
+    assert first.channels == second.channels == c
+    assert torch.equal(first.bits, ref1.bits) and torch.equal(second.bits, ref2.bits)
+    # NHWC sources
+    nhwc = [t.permute(0, 2, 3, 1) for t in parts]
+    assert torch.equal(sign_pack(nhwc, b1, layout="NHWC").bits, ref1.bits)
+
+
+def test_sign_pack_sources_errors():
+    a, b = torch.randn(2, 5, 3, 4, device=DEVICE), torch.randn(2, 7, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x\[1\] has \(N, H, W\)"):
+        sign_pack([a, b[:, :, :2]])
+    with pytest.raises(ValueError, match=r"x\[1\] has \(N, H, W\)"):
+        sign_pack_pair([a, b[:1]], None, None)
+    with pytest.raises(ValueError, match=r"x\[1\] is torch.float64"):
+        sign_pack([a, b.double()])
+    with pytest.raises(TypeError, match="1 to 3 tensors"):
+        sign_pack([a, b, a, b])
+    with pytest.raises(TypeError, match="1 to 3 tensors"):
+        sign_pack([])
+    with pytest.raises(ValueError, match="bias must have 12 elements"):
+        sign_pack([a, b], torch.zeros(5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"x\[1\] must be 4-D"):
+        sign_pack([a, b[0]])
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the fallback is for devices where Triton cannot run")
 def test_sign_pack_fallback_without_triton(monkeypatch):
     # On a CPU tensor without the interpreter the reference runs instead.
     monkeypatch.setattr(_common, "interpreting", lambda: False)  # as without TRITON_INTERPRET
     x = torch.randn(1, 40, 2, 3)
     assert torch.equal(sign_pack(x).bits, sign_pack_reference(x).bits)
+    parts = [torch.randn(1, 3, 2, 3), x]
+    assert torch.equal(sign_pack(parts).bits, sign_pack_reference(torch.cat(parts, dim=1)).bits)
 
 
 def test_sign_pack_bad_arguments():
@@ -181,8 +232,10 @@ def test_sign_pack_bad_arguments():
         sign_pack(torch.randn(8, 2, 2))
     with pytest.raises(TypeError, match="x must be a floating-point"):
         sign_pack(torch.ones(1, 8, 2, 2, dtype=torch.int32))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"x\[0\] must be a torch.Tensor"):
         sign_pack([1.0, 2.0])
+    with pytest.raises(TypeError, match="x must be a tensor or a list"):
+        sign_pack("x")
     with pytest.raises(ValueError, match="bias must have 8 elements"):
         sign_pack(x, torch.zeros(7))
     with pytest.raises(ValueError, match="layout must be"):
