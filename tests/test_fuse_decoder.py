@@ -147,6 +147,7 @@ def test_bottleneck_gru_matches_plain(decoder, with_state):
     assert torch.equal(got[:, -1], got_h)
     ref, ref_h = FusedConvGRU(plain_gru, backend="reference")(x, h)
     assert_close(ref, want, "reference gru out")
+    assert_close(ref_h, want_h, "reference gru h")
 
 
 def test_convert_wires_the_sparse_blocks_and_reports_sparsity(model):
