@@ -17,7 +17,7 @@ B x T frames, carrying the recurrent state as a streaming user does. Reported: m
 and spread of ms per frame, frames/s, peak memory (CUDA: ``max_memory_allocated``;
 CPU: the process's peak RSS so far, which only grows), the first call's time (compilation)
 and fps ratios between variants. ``--cuda-graph`` times CUDA-graph replays of one streaming
-step instead of eager calls (at T=1 every variant is launch-bound on a GPU); ``--compile``
+step (``bimatting_triton.CudaGraphStep``) instead of eager calls (at T=1 every variant is launch-bound on a GPU); ``--compile``
 uses ``torch.compile`` on the float variants. The notes column says which was used.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from cli_args import parse_frame_size  # bench/cli_args.py
 
-from bimatting_triton import BiMatting
+from bimatting_triton import BiMatting, CudaGraphStep
 from bimatting_triton.baselines import RVMMobileNetV3
 
 DEFAULT_SIZES = "512x288@1,1920x1080@0.25,3840x2160@0.125"
@@ -139,36 +139,6 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is KiB on Linux
 
 
-def capture_cuda_graph(model, src: torch.Tensor, rec: list, ratio: float) -> Callable:
-    """One streaming step of ``model`` captured as a CUDA graph: ``step(src, rec) -> outputs``.
-
-    ``src`` and the recurrent states ``rec`` (tensors, from an eager warm-up call) are
-    copied into the graph's static inputs before each replay; the outputs (``fgr, pha,
-    *rec``) live in the graph's memory and are overwritten by the next replay. Raises if
-    the model cannot be captured (a host synchronisation or a CPU tensor inside forward).
-    """
-    static_src, static_rec = src.clone(), [r.clone() for r in rec]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
-        for _ in range(2):
-            model(static_src, *static_rec, downsample_ratio=ratio)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = model(static_src, *static_rec, downsample_ratio=ratio)
-
-    def step(src_in: torch.Tensor, rec_in: list) -> list:
-        static_src.copy_(src_in)
-        for dst, value in zip(static_rec, rec_in):
-            if value is not dst:
-                dst.copy_(value)
-        graph.replay()
-        return outputs
-
-    return step
-
-
 def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, warmup: int, repeats: int,
                 cuda_graph: bool = False) -> Measurement:
     dtype = getattr(torch, dtype_name)
@@ -179,23 +149,24 @@ def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     timer, times, first, rec, notes = Timer(device), [], [], [None] * 4, []
+    call = model
     with torch.inference_mode():
         for i in range(max(warmup, 1)):  # eager warm-up; the first call also compiles
             with timer.measure(first if i == 0 else []):
                 _, _, *rec = model(src, *rec, downsample_ratio=setting.ratio)
-        step = None
         if cuda_graph:
+            # CudaGraphStep runs a signature's first call eagerly and captures on its second.
+            step = CudaGraphStep(model)
             try:
-                step = capture_cuda_graph(model, src, rec, setting.ratio)
+                for _ in range(2):
+                    _, _, *rec = step(src, *rec, downsample_ratio=setting.ratio)
+                call = step
                 notes.append("CUDA graph")
             except Exception as exc:  # reported, then timed eagerly
                 notes.append(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:120]}), eager")
         for _ in range(repeats):
             with timer.measure(times):
-                if step is not None:
-                    _, _, *rec = step(src, rec)
-                else:
-                    _, _, *rec = model(src, *rec, downsample_ratio=setting.ratio)
+                _, _, *rec = call(src, *rec, downsample_ratio=setting.ratio)
     n = setting.batch * setting.frames
     median = statistics.median(times)
     return Measurement(

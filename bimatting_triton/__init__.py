@@ -7,6 +7,7 @@ runs its module once and ``import bimatting_triton`` stays light.
 from importlib import import_module
 
 from .checkpoint import CheckpointError
+from .cuda_graph import CudaGraphStep
 from .fuse import convert
 from .model import BiMatting
 from .packed import PackedCheckpointError, load_packed, save_packed
@@ -31,6 +32,7 @@ __all__ = [
     "LearnableBias",
     "CheckpointError",
     "convert",
+    "CudaGraphStep",
     "save_packed",
     "load_packed",
     "PackedCheckpointError",

@@ -49,7 +49,7 @@ def test_help_reads_well(capsys):
     assert text.startswith("usage: bimatting")
     for flag in ("--composition", "--alpha", "--foreground", "--checkpoint", "--device", "--dtype",
                  "--downsample-ratio", "--seq-chunk", "--output-type", "--background-color",
-                 "--background-image", "--mbps", "--no-progress", "--fused", "examples:"):
+                 "--background-image", "--mbps", "--no-progress", "--fused", "--cuda-graph", "examples:"):
         assert flag in text
     assert "(default: None)" not in text
 
@@ -178,6 +178,18 @@ def test_fused(monkeypatch, clip, tmp_path, capsys):
     src, _ = decode(clip)   # the fake model's alpha is the mean of RGB: it was the one used
     want = torch.from_numpy(src).float().div(255).mean(-1).mul(255).round().numpy()
     assert np.abs(frames.astype(float) - want).mean() < 3
+
+
+def test_cuda_graph_flag(monkeypatch, capsys):
+    calls = {}
+    monkeypatch.setattr(cli, "load_model", lambda *a: FakeMatting())
+    monkeypatch.setattr("bimatting_triton.video.convert_video",
+                        lambda model, src, **kw: calls.setdefault("model", model) and 3)
+    assert cli.main(["in.mp4", "-o", "o.mp4", "--device", "cpu", "--cuda-graph"]) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err and not calls
+    assert cli.main(["in.mp4", "-o", "o.mp4", "--device", "cuda", "--cuda-graph"]) == 0
+    step = calls["model"]
+    assert isinstance(step, bimatting_triton.CudaGraphStep) and isinstance(step.model, FakeMatting)
 
 
 def test_ctrl_c_exit_code_and_no_file(monkeypatch, clip, tmp_path, capsys):
