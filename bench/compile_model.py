@@ -104,8 +104,9 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def pretend_cuda(arch: int, results: dict):
-    """Launch sites believe they are on CUDA; kernels are Recorders. Restored on exit."""
+def pretend_cuda(arch: int, results: dict, stand_in=None):
+    """Launch sites believe they are on CUDA; kernels are Recorders (or ``stand_in(kernel)``
+    if given: anything indexable by a grid and then callable). Restored on exit."""
     patches = []
 
     def patch(module, name, value):
@@ -119,7 +120,8 @@ def pretend_cuda(arch: int, results: dict):
                 patch(module, name, value)
     for module, names in KERNELS.items():
         for name in names:
-            patch(module, name, Recorder(getattr(module, name), arch, results))
+            kernel = getattr(module, name)
+            patch(module, name, Recorder(kernel, arch, results) if stand_in is None else stand_in(kernel))
     try:
         yield
     finally:
