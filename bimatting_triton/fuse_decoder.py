@@ -26,7 +26,8 @@ forward, built on the device, shared by the block's conv and, frame by frame, it
   finite value is multiplied by 0. The 1x1 branch (binary 1x1, float 1x1) is dense.
 
 No concatenation is built: a unit's input ``cat([x, skip, source])`` (or the GRU's
-``[x, h]``) is packed straight from its parts (``sign_pack_pair`` on a list of tensors),
+``[x, h]`` and ``[x, reset * h]``, the product taken as it is read) is packed straight from
+its parts (``sign_pack_pair`` on a list of tensors),
 and the upsampling block's GRU overwrites the half of the block's output it reads, so
 the block's ``cat([a, gru(b)])`` is that output itself.
 
@@ -49,7 +50,7 @@ from torch import Tensor, nn
 
 from .fuse import BinaryConvUnit, FusedSequential
 from .kernels.binary_conv import Epilogue, binary_conv2d_reference, fold_scale_shift
-from .kernels.pack import sign_pack_pair
+from .kernels.pack import Product, sign_pack_pair
 from .kernels.sparse_unit import (
     TileList,
     active_tiles,
@@ -103,7 +104,8 @@ def _pack_pair(unit_a: BinaryConvUnit, unit_b: BinaryConvUnit, sources: list[Ten
     """The input of two units that read the same tensor, packed with each one's LearnableBias.
 
     ``sources``: 1 to 3 float (N, Ci, H, W) tensors read as their channel concatenation
-    (``torch.cat(sources, 1)`` is never built). One pass and one launch with the kernels."""
+    (``torch.cat(sources, 1)`` is never built), the last one possibly a ``Product`` (the
+    GRU's ``reset * h``, multiplied as it is read). One pass and one launch with the kernels."""
     if unit_a.backend == "reference":
         return unit_a.pack(sources), unit_b.pack(sources)
     return sign_pack_pair(sources, unit_a.in_bias, unit_b.in_bias)
@@ -175,7 +177,7 @@ class FusedMaskedConvGRU(_SparseBlock):
             xt, m, tt = x[:, t], mask[:, t], tiles.select(t)
             gates = _masked_pair(self.ih, self.ih_1x1, [xt, h], m, tt)
             reset, update = gates.split(self.channels, dim=1)
-            cand = _masked_pair(self.hh, self.hh_1x1, [xt, reset * h], m, tt)
+            cand = _masked_pair(self.hh, self.hh_1x1, [xt, Product(reset, h)], m, tt)
             h = _gru_update(h, cand, update, outputs[:, t])
         return outputs, h
 
@@ -206,7 +208,7 @@ class FusedConvGRU(nn.Module):
         for t in range(x.shape[1]):
             xt = x[:, t]
             reset, update = self.ih.run(self.ih.pack([xt, h])).y.split(self.channels, dim=1)
-            cand = self.hh.run(self.hh.pack([xt, reset * h])).y
+            cand = self.hh.run(self.hh.pack([xt, Product(reset, h)])).y
             h = _gru_update(h, cand, update, outputs[:, t])
         return outputs, h
 

@@ -31,6 +31,7 @@ cannot run) and :func:`sign_pack_reference` (plain PyTorch), plus the torch help
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,6 +46,7 @@ __all__ = [
     "NONZERO",
     "words_for",
     "PackedActivation",
+    "Product",
     "pack_values",
     "unpack_values",
     "sign_pack",
@@ -170,18 +172,43 @@ def _as_nchw(x: Tensor, layout: str) -> Tensor:
 MAX_SOURCES = 3  # tensors one pack reads as their channel concatenation (the decoder's [x, skip, src])
 
 
-def _sources(x, layout: str) -> list[Tensor]:
-    """``x`` (one tensor, or a list/tuple of up to 3 read as ``torch.cat(x, dim=channels)``)
-    checked and seen as NCHW views (no copy)."""
+class Product(NamedTuple):
+    """A pack source whose values are ``a * b`` (same shape, dtype and device), multiplied as
+    the kernel reads them, never stored: the GRU's ``[x, reset * h]``. Only as the last
+    source of a list."""
+
+    a: Tensor
+    b: Tensor
+
+
+def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
+    """``x`` (one tensor, or a list/tuple of up to 3 read as ``torch.cat(x, dim=channels)``,
+    the last of which may be a :class:`Product`) checked and seen as NCHW views (no copy).
+    Returns (sources, gate): for a product last source, ``a`` is its source and ``b`` the gate."""
     if isinstance(x, Tensor):
         _check_activation(x, "x", layout)
-        return [_as_nchw(x, layout)]
+        return [_as_nchw(x, layout)], None
+    if isinstance(x, Product):
+        x = [x]
     if not isinstance(x, (list, tuple)) or not 1 <= len(x) <= MAX_SOURCES:
         raise TypeError(f"x must be a tensor or a list/tuple of 1 to {MAX_SOURCES} tensors, got "
                         f"{type(x).__name__}{f' of {len(x)}' if isinstance(x, (list, tuple)) else ''}")
+    gate = None
     views = []
     for i, t in enumerate(x):
-        _check_activation(t, f"x[{i}]", layout)
+        if isinstance(t, Product):
+            if i != len(x) - 1:
+                raise ValueError(f"x[{i}]: a Product may only be the last source")
+            _check_activation(t.b, f"x[{i}].b", layout)
+            gate = _as_nchw(t.b, layout)
+            t = t.a
+            _check_activation(t, f"x[{i}].a", layout)
+            if gate.shape != _as_nchw(t, layout).shape or (gate.dtype, gate.device) != (t.dtype, t.device):
+                raise ValueError(f"x[{i}]: Product factors must have the same shape, dtype and device, got "
+                                 f"{tuple(t.shape)} {t.dtype} {t.device} and {tuple(x[i].b.shape)} {gate.dtype} "
+                                 f"{gate.device}")
+        else:
+            _check_activation(t, f"x[{i}]", layout)
         v = _as_nchw(t, layout)
         if views and (v.dtype, v.device) != (views[0].dtype, views[0].device):
             raise ValueError(f"x[{i}] is {v.dtype} on {v.device}, expected {views[0].dtype} on {views[0].device} "
@@ -190,7 +217,14 @@ def _sources(x, layout: str) -> list[Tensor]:
             raise ValueError(f"x[{i}] has (N, H, W) = {(v.shape[0], *v.shape[2:])}, expected "
                              f"{(views[0].shape[0], *views[0].shape[2:])} like x[0] (channels may differ)")
         views.append(v)
-    return views
+    return views, gate
+
+
+def _materialised(sources: list[Tensor], gate: Tensor | None) -> Tensor:
+    """The concatenation the sources stand for, as a tensor (the references build it)."""
+    if gate is not None:
+        sources = [*sources[:-1], sources[-1] * gate]
+    return sources[0] if len(sources) == 1 else torch.cat(sources, dim=1)
 
 
 def _channel_vector(v, channels: int, name: str, device: torch.device) -> Tensor:
@@ -214,8 +248,7 @@ def sign_pack_reference(x, bias: Tensor | None = None, layout: str = "NCHW") -> 
     concatenation along the channels. ``bias``: ``C`` elements (e.g. ``LearnableBias.bias``
     of shape (1, C, 1, 1); C in all) or None.
     """
-    sources = _sources(x, layout)
-    x = sources[0] if len(sources) == 1 else torch.cat(sources, dim=1)
+    x = _materialised(*_sources(x, layout))
     c = x.shape[1]
     if bias is not None:
         x = x + _channel_vector(bias, c, "bias", x.device).reshape(1, c, 1, 1)
@@ -258,6 +291,7 @@ def _sign_pack_kernel(
     x_ptr,  # float, source 0: logical (N, C0, H, W) with strides (sn, sc, sh, sw)
     x1_ptr,  # SOURCES >= 2: source 1, (N, C1, H, W), strides s1*; its channels follow source 0's
     x2_ptr,  # SOURCES == 3: source 2, (N, C2, H, W), strides s2*
+    g_ptr,  # GATED: the last source's factor, its shape, strides g*: that source reads x * g
     bias_ptr,  # (C,) the bias (only read when HAS_BIAS)
     out_ptr,  # int32 (N, H, W, 2, CW)
     bias2_ptr,  # PAIR: the second bias (only read when HAS_BIAS2)
@@ -265,8 +299,11 @@ def _sign_pack_kernel(
     sn, sc, sh, sw,
     s1n, s1c, s1h, s1w,
     s2n, s2c, s2h, s2w,
+    gn, gc, gh, gw,
     P, C, C0, C01, H, W, CW,  # C = C0 + C1 + C2 channels in all; C01 = C0 + C1
+    C_LAST,  # first channel of the last source (0, C0 or C01)
     SOURCES: tl.constexpr,  # 1, 2 or 3 tensors read as their channel concatenation
+    GATED: tl.constexpr,  # the last source is a product x * g (the GRU's reset * h)
     HAS_BIAS: tl.constexpr,
     PAIR: tl.constexpr,  # also pack sign(x + bias2) into out2 (x read once for both)
     HAS_BIAS2: tl.constexpr,
@@ -301,6 +338,14 @@ def _sign_pack_kernel(
         x2 = tl.load(x2_ptr + base2[:, None, None] + (c - C01)[None, :, :].to(tl.int64) * s2c,
                      mask=mask & in2[None, :, :], other=0.0)
         x = tl.where(in2[None, :, :], x2, x)
+    if GATED:
+        # The product in the sources' dtype, rounded once as torch rounds ``x * g``; the
+        # other sources' channels are multiplied by 1.0 (exact, keeps -0.0 and NaN).
+        gbase = _source_offsets(p, gn, gh, gw, H, W)
+        in_last = c >= C_LAST
+        g = tl.load(g_ptr + gbase[:, None, None] + (c - C_LAST)[None, :, :].to(tl.int64) * gc,
+                    mask=mask & in_last[None, :, :], other=1.0)
+        x = x * g
     shift = bit[None, None, :]
     out_off = p.to(tl.int64)[:, None] * (2 * CW) + word[None, :]
     smask = p_ok[:, None] & (word < CW)[None, :]
@@ -324,10 +369,10 @@ def sign_pack(x, bias: Tensor | None = None, layout: str = "NCHW") -> PackedActi
     Returns a :class:`PackedActivation` (bits (N, H, W, 2, ceil(C/32)) int32). Runs the
     Triton kernel on CUDA or under ``TRITON_INTERPRET=1``, else :func:`sign_pack_reference`.
     """
-    sources = _sources(x, layout)
+    sources, gate = _sources(x, layout)
     if not triton_can_run(sources[0]):
-        return sign_pack_reference(sources, bias)
-    return _launch_sign_pack(sources, [bias])[0]
+        return sign_pack_reference(x, bias, layout)
+    return _launch_sign_pack(sources, gate, [bias])[0]
 
 
 def sign_pack_pair(
@@ -337,10 +382,10 @@ def sign_pack_pair(
     the two binary units of a decoder pair read the same input with their own LearnableBias.
     Arguments as :func:`sign_pack` (``x`` may be a list of tensors); falls back to
     :func:`sign_pack_reference` likewise."""
-    sources = _sources(x, layout)
+    sources, gate = _sources(x, layout)
     if not triton_can_run(sources[0]):
-        return sign_pack_reference(sources, bias), sign_pack_reference(sources, bias2)
-    first, second = _launch_sign_pack(sources, [bias, bias2])
+        return sign_pack_reference(x, bias, layout), sign_pack_reference(x, bias2, layout)
+    first, second = _launch_sign_pack(sources, gate, [bias, bias2])
     return first, second
 
 
@@ -355,11 +400,16 @@ def _bias_arg(bias: Tensor | None, x: Tensor, channels: int, name: str) -> Tenso
     return bias.to(dtype).contiguous()
 
 
-def _launch_sign_pack(sources: list[Tensor], biases: list) -> list[PackedActivation]:
+def _launch_sign_pack(sources: list[Tensor], gate: Tensor | None, biases: list) -> list[PackedActivation]:
     """One kernel launch packing ``sign(cat(sources) + b)`` for each of the one or two
-    ``biases``; ``sources``: 1 to 3 NCHW tensors checked by :func:`_sources`."""
+    ``biases``; ``sources``: 1 to 3 NCHW tensors checked by :func:`_sources`, the last one
+    multiplied by ``gate`` if given."""
     if interpreting() and sources[0].dtype == torch.bfloat16:
-        sources = [s.float() for s in sources]  # the interpreter compares bf16 as raw integers; widening is exact
+        # The interpreter compares bf16 as raw integers; widening is exact, but a product
+        # must first be rounded to bf16 as torch rounds it.
+        if gate is not None:
+            sources, gate = [*sources[:-1], sources[-1] * gate], None
+        sources = [s.float() for s in sources]
     x = sources[0]
     n, _, h, w = x.shape
     widths = [s.shape[1] for s in sources]
@@ -375,13 +425,14 @@ def _launch_sign_pack(sources: list[Tensor], biases: list) -> list[PackedActivat
         pair = len(biases) == 2
         # Unused source slots repeat source 0 (never read: their channel ranges are empty).
         padded = sources + [x] * (MAX_SOURCES - len(sources))
+        g = gate if gate is not None else x
         grid = (triton.cdiv(p, bp), triton.cdiv(cw, bw))
         _sign_pack_kernel[grid](
-            *padded, vectors[0] if vectors[0] is not None else x, outs[0],
+            *padded, g, vectors[0] if vectors[0] is not None else x, outs[0],
             (vectors[1] if vectors[1] is not None else x) if pair else x, outs[1] if pair else outs[0],
-            *(stride for s in padded for stride in s.stride()),
-            p, c, widths[0], sum(widths[:2]), h, w, cw,
-            SOURCES=len(sources), HAS_BIAS=vectors[0] is not None, PAIR=pair,
+            *(stride for s in padded for stride in s.stride()), *g.stride(),
+            p, c, widths[0], sum(widths[:2]), h, w, cw, c - widths[-1],
+            SOURCES=len(sources), GATED=gate is not None, HAS_BIAS=vectors[0] is not None, PAIR=pair,
             HAS_BIAS2=pair and vectors[1] is not None, BP=bp, BW=bw,
         )
     return [PackedActivation(out, c) for out in outs]

@@ -16,6 +16,7 @@ from bimatting_triton.kernels.pack import (
     NONZERO,
     SIGN,
     PackedActivation,
+    Product,
     pack_values,
     sign_pack,
     sign_pack_pair,
@@ -198,6 +199,41 @@ def test_sign_pack_of_sources_equals_pack_of_their_concatenation(widths, dtype):
     assert torch.equal(sign_pack(nhwc, b1, layout="NHWC").bits, ref1.bits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_product_source_equals_packing_the_product(dtype):
+    # The GRU's [x, reset * h]: the kernel multiplies as it reads; the product must round
+    # as torch's does, so products that land exactly on -bias, next to it, or underflow to
+    # 0 pack the same bits as sign(cat([x, r * h]) + bias).
+    c0, c1, n, h, w = 20, 45, 2, 5, 7
+    bias = torch.randn(c0 + c1, dtype=torch.float64).to(dtype)
+    bias[::4] = 0
+    x = _adversarial(n, c0, h, w, bias[:c0], dtype)
+    target = _adversarial(n, c1, h, w, bias[c0:], dtype)  # values at / around -bias and 0
+    r = torch.rand(n, c1, h, w, dtype=torch.float64).to(dtype).to(DEVICE)
+    r[..., 0::3] = 1.0  # r * t == t exactly
+    r[..., 1::3] = 0.5
+    hid = target / r  # r * hid == target up to one rounding (exactly where r is 1 or 0.5)
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    hid[:, :, 0, 0], r[:, :, 0, 0] = tiny, 0.25  # underflows to 0: sign 0, not +1
+    hid[:, :, 1, 1], r[:, :, 1, 1] = -0.0, 0.7
+    gate, hid = r.clone(), hid.clone()
+    want_values = torch.cat([x, gate * hid], dim=1)
+    b = bias.to(DEVICE)
+    assert (want_values + b.reshape(1, -1, 1, 1) == 0).any()  # the adversarial case is there
+    got = sign_pack([x, Product(gate, hid)], b)
+    assert torch.equal(got.bits, sign_pack_reference(want_values, b).bits)
+    assert torch.equal(sign_pack_reference([x, Product(gate, hid)], b).bits, got.bits)
+    first, second = sign_pack_pair([x, Product(gate, hid)], b, None)
+    assert torch.equal(first.bits, got.bits)
+    assert torch.equal(second.bits, sign_pack_reference(want_values).bits)
+    # one source, a product of non-contiguous views; three sources with the product last
+    big = torch.randn(n, 2 * c1, h, w, dtype=dtype, device=DEVICE)
+    assert torch.equal(sign_pack(Product(big[:, ::2], big[:, 1::2]), b[c0:]).bits,
+                       sign_pack_reference(big[:, ::2] * big[:, 1::2], b[c0:]).bits)
+    three = sign_pack([x[:, :5], x[:, 5:], Product(gate, hid)], b)
+    assert torch.equal(three.bits, got.bits)
+
+
 def test_sign_pack_sources_errors():
     a, b = torch.randn(2, 5, 3, 4, device=DEVICE), torch.randn(2, 7, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"x\[1\] has \(N, H, W\)"):
@@ -214,6 +250,12 @@ def test_sign_pack_sources_errors():
         sign_pack([a, b], torch.zeros(5, device=DEVICE))
     with pytest.raises(ValueError, match=r"x\[1\] must be 4-D"):
         sign_pack([a, b[0]])
+    with pytest.raises(ValueError, match="only be the last source"):
+        sign_pack([Product(a, a), b])
+    with pytest.raises(ValueError, match="Product factors must have the same shape"):
+        sign_pack([b, Product(a, a[:, :4])])
+    with pytest.raises(ValueError, match="Product factors must have the same shape"):
+        sign_pack([b, Product(a, a.double())])
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the fallback is for devices where Triton cannot run")
