@@ -49,7 +49,8 @@ for step in "${steps[@]}"; do
     tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
       run 120 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
         --tb=short -rfE \
-        tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py
+        tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py \
+        tests/test_cuda_graph.py
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
     kernels)
       run 90 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-3x3s1}" --benchmark-json "$out/kernels.json"
@@ -58,8 +59,8 @@ for step in "${steps[@]}"; do
       # ("  variant setting: ms/frame") reach the log as each measurement ends, even on a timeout
       run 300 throughput.txt python bench/throughput.py
       grep -v "^  " "$out/throughput.txt" | tail -45 ;;
-    graphs)  # T=1 streaming is launch-bound: CUDA-graph replays of one step
-      run 120 throughput_graphs.txt python bench/throughput.py --cuda-graph --frames 1 \
+    graphs)  # T=1 streaming is launch-bound: CUDA-graph replays (CudaGraphStep), fused vs RVM fp16
+      run 150 throughput_graphs.txt python bench/throughput.py --cuda-graph --frames 1,8 \
         --variants bimatting-fused,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
       grep -v "^  " "$out/throughput_graphs.txt" | tail -12 ;;
     profile)
