@@ -60,7 +60,9 @@ def capture(forward: Callable[[], Sequence[Tensor]], example: Tensor, pool=None)
         forward()
     torch.cuda.current_stream(example.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: other threads may use CUDA meanwhile (convert_video's encoder threads
+    # copy earlier results to the host while the main thread captures).
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outputs = list(forward())
     return graph, outputs
 
