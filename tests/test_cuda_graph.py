@@ -108,6 +108,25 @@ def test_segmentation_pass_and_other_models(model, fake_graphs):
     assert step.graphs == 1
 
 
+def test_convert_video_through_the_step(model, fake_graphs, tmp_path):
+    # convert_video takes the step as its model: same matte as the model itself.
+    from bimatting_triton.video import convert_video
+
+    from video_utils import make_video, read_png
+
+    clip = make_video(str(tmp_path / "in.mp4"), 6, 64, 48)
+    for name, runner in (("eager", model), ("graph", CudaGraphStep(model))):
+        convert_video(runner, clip, output_alpha=str(tmp_path / f"{name}"), output_type="png_sequence",
+                      seq_chunk=2, progress=False, downsample_ratio=0.5)
+    assert len(fake_graphs) == 1 and fake_graphs[0].replays == 1  # chunks 0, 1 eager; 2 captured
+    eager = sorted(os.listdir(tmp_path / "eager"))
+    assert eager == sorted(os.listdir(tmp_path / "graph")) and len(eager) == 6
+    for f in eager:
+        a, b = (read_png(str(tmp_path / kind / f), "gray") for kind in ("eager", "graph"))
+        assert (a == b).all(), f
+    assert len({read_png(str(tmp_path / "graph" / f), "gray").tobytes() for f in eager}) > 1  # not one frame
+
+
 def test_errors(model, fake_graphs, monkeypatch):
     with pytest.raises(TypeError, match="model must be callable"):
         CudaGraphStep("model")
