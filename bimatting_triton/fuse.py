@@ -140,7 +140,14 @@ class BinaryConvUnit(nn.Module):
                 f"act={self.act}, backend={self.backend!r}")
 
     def packed_weight(self) -> PackedWeight:
-        return PackedWeight(self.bits, self.alpha, self.in_channels, self.stride, self.padding, self.int8)
+        """The buffers as a :class:`PackedWeight`, built (and checked) once and reused while
+        they are the same tensors (``.to()``/``.cuda()`` replace them, and so the cache)."""
+        cached = self.__dict__.get("_packed_weight")
+        if cached is None or cached.bits is not self.bits or cached.alpha is not self.alpha \
+                or cached.int8 is not self.int8:
+            cached = PackedWeight(self.bits, self.alpha, self.in_channels, self.stride, self.padding, self.int8)
+            self.__dict__["_packed_weight"] = cached
+        return cached
 
     def pack(self, x: Tensor | Sequence[Tensor]) -> PackedActivation:
         """``sign(in_bias(x))`` packed; x (N, Cin, H, W) float, or up to 3 tensors (N, Ci, H, W)

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from bimatting_triton import BiMatting
 from bimatting_triton.fuse import BinaryConvUnit, FusedBackbone, FusedSequential, convert
 from bimatting_triton.nn import BiConv2d, BinaryActivation, LearnableBias
 
@@ -100,3 +101,18 @@ def test_convert_gives_lone_binary_convs_the_generic_packed_path():
         assert torch.allclose(fused["head"](x), lonely(x), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="backend must be one of"):
         convert(torch.nn.Sequential(LearnableBias(4), BinaryActivation(), BiConv2d(4, 4, 1)), backend="cuda")
+
+
+def test_packed_weight_is_built_once_and_follows_the_buffers():
+    # BinaryConvUnit.packed_weight() is asked at every launch: reused while the buffers are
+    # the same tensors, rebuilt when .to() replaces them (a stale cache would keep old dtypes).
+    torch.manual_seed(0)
+    fused = convert(BiMatting().eval())
+    unit = fused.decoder.decode3.conv
+    first = unit.packed_weight()
+    assert unit.packed_weight() is first
+    fused.double()
+    second = unit.packed_weight()
+    assert second is not first and second.alpha.dtype == torch.float64 and second.bits is unit.bits
+    unit.alpha = unit.alpha * 2  # a new buffer tensor
+    assert torch.equal(unit.packed_weight().alpha, second.alpha * 2)
