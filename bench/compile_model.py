@@ -129,13 +129,15 @@ def pretend_cuda(arch: int, results: dict, stand_in=None):
             setattr(module, name, value)
 
 
-def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90, float64: bool = False) -> list[dict]:
+def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90, float64: bool = False,
+                  dtype: torch.dtype | None = None) -> list[dict]:
     """Every distinct kernel specialisation of two streaming calls (first frame, then with
     recurrent state) of ``convert(BiMatting())`` at ``size``; one dict per specialisation.
-    ``float64``: the model in float64, as the exactness tests run it (``BIMATTING_TEST_CUDA``)."""
+    ``float64``: the model in float64, as the exactness tests run it (``BIMATTING_TEST_CUDA``);
+    ``dtype``: any model dtype (float16: half activations, float32 epilogues)."""
     w, h, ratio = parse_frame_size(size)
     torch.manual_seed(0)
-    dtype = torch.float64 if float64 else torch.float32  # float32: as bench/throughput.py runs it
+    dtype = dtype or (torch.float64 if float64 else torch.float32)  # float32: as bench/throughput.py runs it
     model = convert(BiMatting().eval().to(dtype))
     src = torch.rand(1, frames, 3, h, w, dtype=dtype)
     results: dict = {}
@@ -151,10 +153,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--frames", type=int, default=1, help="frames per call T (default 1)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     parser.add_argument("--float64", action="store_true", help="the model in float64 (the exactness tests' dtype)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), default=None,
+                        help="the model's dtype (default float32; --float64 is --dtype float64)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if a specialisation fails to compile or spills")
     args = parser.parse_args(argv)
-    rows = compile_model(args.size, args.frames, args.arch, args.float64)
+    rows = compile_model(args.size, args.frames, args.arch, args.float64,
+                         getattr(torch, args.dtype) if args.dtype else None)
     print(f"{'kernel':<26} {'tile':<44} {'w,s':>5} {'launches':>8} {'regs':>5} {'spill st/ld':>12} "
           f"{'compile s':>9}")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["tile"]))):

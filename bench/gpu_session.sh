@@ -61,7 +61,7 @@ for step in "${steps[@]}"; do
       grep -v "^  " "$out/throughput.txt" | tail -45 ;;
     graphs)  # T=1 streaming is launch-bound: CUDA-graph replays (CudaGraphStep), fused vs RVM fp16
       run 150 throughput_graphs.txt python bench/throughput.py --cuda-graph --frames 1,8 \
-        --variants bimatting-fused,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
+        --variants bimatting-fused,bimatting-fused-fp16,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
       grep -v "^  " "$out/throughput_graphs.txt" | tail -12 ;;
     profile)
       run 70 profile.txt python bench/throughput.py --sizes 512x288@1 --frames 1 --variants bimatting-fused --profile

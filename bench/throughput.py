@@ -7,7 +7,8 @@
 Variants, measured side by side on the same random clip:
 
 * ``bimatting-fused``  BiMatting through ``bimatting_triton.convert`` (Triton kernels,
-  sparse decoder); needs CUDA.
+  sparse decoder); needs CUDA. ``bimatting-fused-fp16``: the same in half precision
+  (fp16 activations and float parts, fp32 epilogue arithmetic), against RVM fp16.
 * ``bimatting-plain``  BiMatting in plain PyTorch, binary layers simulated in float32
   (what the published BiMatting code runs).
 * ``rvm-fp32`` / ``rvm-fp16``  Robust Video Matting MobileNetV3 (float); fp16 needs CUDA.
@@ -39,7 +40,7 @@ from bimatting_triton import BiMatting, CudaGraphStep
 from bimatting_triton.baselines import RVMMobileNetV3
 
 DEFAULT_SIZES = "512x288@1,1920x1080@0.25,3840x2160@0.125"
-VARIANT_NAMES = ("bimatting-fused", "bimatting-plain", "rvm-fp32", "rvm-fp16")
+VARIANT_NAMES = ("bimatting-fused", "bimatting-fused-fp16", "bimatting-plain", "rvm-fp32", "rvm-fp16")
 
 
 @dataclass
@@ -89,15 +90,18 @@ def parse_ints(text: str) -> list[int]:
 def build_variant(name: str, device: torch.device, compile_float: bool) -> tuple[Callable | None, str, list[str]]:
     """(model or None, dtype name or the reason it cannot run, notes)."""
     notes: list[str] = []
-    if name == "bimatting-fused":
+    if name.startswith("bimatting-fused"):
         if device.type != "cuda":
             return None, "skipped: the fused Triton kernels need a CUDA device", notes
         try:
             from bimatting_triton import convert  # added with the kernels
         except ImportError:
             return None, "skipped: bimatting_triton.convert is not available in this version", notes
-        model = convert(BiMatting().eval().to(device))
-        return model, "float16" if getattr(model, "dtype", None) == torch.float16 else "float32", notes
+        dtype = torch.float16 if name.endswith("fp16") else torch.float32
+        if dtype == torch.float16:
+            notes.append("fp16 activations, fp32 epilogues")
+        model = convert(BiMatting().eval().to(device, dtype))
+        return model, str(dtype).removeprefix("torch."), notes
     if name == "rvm-fp16" and device.type != "cuda":
         return None, "skipped: fp16 convolutions need a CUDA device", notes
     if name == "bimatting-plain":
@@ -262,7 +266,8 @@ def ratios(results: list[Measurement]) -> list[str]:
         if m.status == "ok":
             by_setting.setdefault(m.setting, {})[m.variant] = m
     pairs = [("bimatting-fused", "bimatting-plain"), ("bimatting-fused", "rvm-fp16"), ("bimatting-fused", "rvm-fp32"),
-             ("bimatting-plain", "rvm-fp32"), ("rvm-fp16", "rvm-fp32")]
+             ("bimatting-fused-fp16", "bimatting-plain"), ("bimatting-fused-fp16", "rvm-fp16"),
+             ("bimatting-fused-fp16", "bimatting-fused"), ("bimatting-plain", "rvm-fp32"), ("rvm-fp16", "rvm-fp32")]
     for setting, ms in by_setting.items():
         for a, b in pairs:
             if a in ms and b in ms:
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                 m = run_variant(model, dtype_or_reason, setting, device, args.warmup, args.repeats,
                                 cuda_graph=args.cuda_graph)
                 m.variant, m.notes = name, [dtype_or_reason, *notes, *m.notes]
-                if name == "bimatting-fused" and (note := density_note(model)):
+                if name.startswith("bimatting-fused") and (note := density_note(model)):
                     m.notes.append(note)
                 results.append(m)
                 # Progress on stderr (stdout stays the table or the JSON): long runs show what they did.

@@ -31,9 +31,12 @@ A ``BiConv2d`` outside these structures (e.g. in a model brought in with
 kernels where they can run (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and their
 plain-PyTorch references elsewhere; ``backend='reference'`` always runs the references
 (same packed weights and folded epilogues, float64 integer convolution).
-Convert after moving the model to its device and dtype; ``.to()``/``.double()`` on the
-converted model also work (packed bits are integer buffers, the epilogue vectors
-follow the float dtype, which is the epilogue's compute dtype).
+Convert after moving the model to its device and dtype; ``.to()``/``.double()``/``.half()``
+on the converted model also work (packed bits are integer buffers, the epilogue vectors
+follow the float dtype). The epilogues compute in float64 for a float64 model and in
+float32 otherwise: a float16/bfloat16 model keeps its activations (and the kernels'
+outputs) in half precision, its epilogue arithmetic in float32 (:func:`compute_dtype`;
+float32 copies of half-precision vectors are made once and reused).
 """
 from __future__ import annotations
 
@@ -57,13 +60,37 @@ from .kernels.pack import PackedActivation, sign_pack, sign_pack_reference
 from .model.backbone import DENSE_SHORTCUTS, FEATURE_BLOCKS, BasicBlock, BinaryBackbone
 from .nn import BiConv2d, BinaryActivation, LearnableBias
 
-__all__ = ["convert", "BinaryConvUnit", "FusedSequential", "FusedBasicBlock", "FusedBackbone"]
+__all__ = ["convert", "BinaryConvUnit", "FusedSequential", "FusedBasicBlock", "FusedBackbone", "compute_dtype"]
 
 BACKENDS = ("auto", "reference")
 
 
 def _vec(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().reshape(-1).clone()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The epilogues' arithmetic dtype for a model in ``dtype``: float64 for float64, else
+    float32 (a half-precision model computes its epilogues in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def in_compute_dtype(module: nn.Module, *names: str) -> list[Tensor | None]:
+    """``module``'s float buffers ``names`` in their :func:`compute_dtype`: the buffers
+    themselves when they are float32/float64, else float32 copies, made once and reused
+    while the buffers are the same tensors (``.half()``/``.to()`` replace them)."""
+    cache = module.__dict__.setdefault("_compute_copies", {})
+    out = []
+    for name in names:
+        t = getattr(module, name)
+        if t is None or t.dtype in (torch.float32, torch.float64):
+            out.append(t)
+            continue
+        hit = cache.get(name)
+        if hit is None or hit[0] is not t:
+            hit = cache[name] = (t, t.to(compute_dtype(t.dtype)))
+        out.append(hit[1])
+    return out
 
 
 class BinaryConvUnit(nn.Module):
@@ -102,7 +129,7 @@ class BinaryConvUnit(nn.Module):
         with torch.no_grad():
             weight = torch.cat([c.weight for c in convs], dim=0)
             pw = pack_weight(weight, first.stride[0], first.padding[0])
-            dtype = weight.dtype
+            dtype = weight.dtype  # the buffers follow the model's dtype (folded in float64)
             scales, shifts, start = [], [], 0
             for c, bn in zip(convs, bns):
                 cout = c.out_channels
@@ -165,17 +192,22 @@ class BinaryConvUnit(nn.Module):
         store_float: bool = True,
     ) -> ConvOutput:
         """The convolution and its epilogue on packed input; optionally packs ``sign(y + next_bias)``."""
-        epi = Epilogue(
-            scale=self.scale, shift=self.shift, residual=residual, bias_a=self.bias_a, act=self.act,
-            prelu_weight=self.slope, bias_b=self.bias_b, post_residual=post_residual,
-            store_float=store_float, pack=pack_next, next_bias=next_bias if pack_next else None,
-        )
+        epi = self.epilogue(residual=residual, post_residual=post_residual, store_float=store_float,
+                            pack=pack_next, next_bias=next_bias if pack_next else None)
         fn = binary_conv2d_reference if self.backend == "reference" else binary_conv2d
         return fn(x, self.packed_weight(), epi)
 
+    def epilogue(self, **options) -> Epilogue:
+        """This unit's :class:`Epilogue` (folded BN, LearnableBias, activation) with ``options``
+        (residuals, packing, ...): vectors in the compute dtype, outputs in the buffers' dtype."""
+        scale, shift, bias_a, slope, bias_b = in_compute_dtype(self, "scale", "shift", "bias_a", "slope", "bias_b")
+        out_dtype = None if scale is self.scale else self.scale.dtype  # half-precision outputs
+        return Epilogue(scale=scale, shift=shift, bias_a=bias_a, act=self.act, prelu_weight=slope, bias_b=bias_b,
+                        out_dtype=out_dtype, **options)
+
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        """x (N, Cin, H, W) float -> (N, Cout, H', W') in the dtype of the epilogue vectors."""
+        """x (N, Cin, H, W) float -> (N, Cout, H', W') in the dtype of the buffers (the model's)."""
         return self.run(self.pack(x)).y
 
 

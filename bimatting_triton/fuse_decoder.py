@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuse import BinaryConvUnit, FusedSequential
-from .kernels.binary_conv import Epilogue, binary_conv2d_reference, fold_scale_shift
+from .fuse import BinaryConvUnit, FusedSequential, in_compute_dtype
+from .kernels.binary_conv import binary_conv2d_reference, fold_scale_shift
 from .kernels.pack import Product, sign_pack_pair
 from .kernels.sparse_unit import (
     TileList,
@@ -95,9 +95,6 @@ def _gated_unit(seq: nn.Sequential, backend: str, name: str) -> BinaryConvUnit:
     return unit
 
 
-def _epilogue(unit: BinaryConvUnit) -> Epilogue:
-    return Epilogue(scale=unit.scale, shift=unit.shift, bias_a=unit.bias_a, act=unit.act,
-                    prelu_weight=unit.slope, bias_b=unit.bias_b)
 
 
 def _pack_pair(unit_a: BinaryConvUnit, unit_b: BinaryConvUnit, sources: list[Tensor]):
@@ -116,7 +113,7 @@ def _masked_pair(unit3: BinaryConvUnit, unit1: BinaryConvUnit, sources: list[Ten
     """``unit3(y) * mask + unit1(y)`` with ``y = cat(sources, 1)`` (N, Cin, H, W) float,
     mask (N, 1, H, W) -> (N, Cout, H, W)."""
     x3, x1 = _pack_pair(unit3, unit1, sources)
-    args = (x3, unit3.packed_weight(), _epilogue(unit3), x1, unit1.packed_weight(), _epilogue(unit1), mask)
+    args = (x3, unit3.packed_weight(), unit3.epilogue(), x1, unit1.packed_weight(), unit1.epilogue(), mask)
     if unit3.backend == "reference":
         return sparse_unit_reference(*args)
     return sparse_unit(*args, tiles)
@@ -286,19 +283,21 @@ class FusedOutputBlock(_SparseBlock):
         packed, packed_1x1 = _pack_pair(unit, self.conv_1x1.ops[0], sources)
         out = self.conv_1x1(None, packed=packed_1x1)  # the dense 1x1 branch: a fresh tensor, updated in place below
         if self.backend == "reference":
-            z = binary_conv2d_reference(packed, unit.packed_weight(), _epilogue(unit)).y
+            z = binary_conv2d_reference(packed, unit.packed_weight(), unit.epilogue()).y
             cout = z.shape[1]
-            z = F.conv2d(z, self.float_weight, padding=self.float_weight.shape[2] // 2)
-            z = torch.relu(z * self.float_scale.reshape(1, cout, 1, 1) + self.float_shift.reshape(1, cout, 1, 1))
+            scale, shift = in_compute_dtype(self, "float_scale", "float_shift")
+            z = F.conv2d(z.to(scale.dtype), self.float_weight.to(scale.dtype), padding=self.float_weight.shape[2] // 2)
+            z = torch.relu(z * scale.reshape(1, cout, 1, 1) + shift.reshape(1, cout, 1, 1))
             return (z.to(out.dtype) * m.to(out.dtype) + out).unflatten(0, (b, t))
         # Binary 3x3 unit on the grown tiles into a zeroed buffer (finite everywhere) ...
         n, _, h, w = out.shape
         z = torch.zeros((n, h, w, unit.out_channels), dtype=out.dtype, device=out.device).permute(0, 3, 1, 2)
-        epi = _epilogue(unit)
+        epi = unit.epilogue()
         epi.out = z
         sparse_binary_conv2d(packed, unit.packed_weight(), epi, grown)
         # ... then the float 3x3 + BN + ReLU, `* m + conv_1x1(y)`, on the mask's own tiles.
-        sparse_float_conv2d(z, self.float_weight, self.float_scale, self.float_shift, "relu", out, tiles,
+        scale, shift = in_compute_dtype(self, "float_scale", "float_shift")
+        sparse_float_conv2d(z, self.float_weight, scale, shift, "relu", out, tiles,
                             mask=m, addend=out)
         return out.unflatten(0, (b, t))
 

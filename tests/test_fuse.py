@@ -116,3 +116,60 @@ def test_packed_weight_is_built_once_and_follows_the_buffers():
     assert second is not first and second.alpha.dtype == torch.float64 and second.bits is unit.bits
     unit.alpha = unit.alpha * 2  # a new buffer tensor
     assert torch.equal(unit.packed_weight().alpha, second.alpha * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model(golden, model, dtype):
+    # A half-precision model keeps half activations and outputs, with its epilogues in
+    # float32. Binary layers amplify rounding (a value within rounding of 0 before a sign
+    # flips it), so half precision is compared with the golden float64 outputs as the
+    # plain half model is: the fused one must be about as accurate, and equal to the
+    # reference backend in the same dtype (the same math, densely, in plain PyTorch).
+    case = golden["cases"][1]
+    ratio = case["downsample_ratio"]
+    src = golden["src"].to(DEVICE, dtype)
+    plain = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        want = plain(src, downsample_ratio=ratio)
+    # converted in half precision, or converted first and then cast (weights binarized in
+    # float64: a different, equally valid rounding of the same network; the reference
+    # backend, which takes the same vectors and dtypes, keeps the interpreter's time down)
+    outputs = {}
+    ways = (("convert(half)", convert(plain)), ("convert().to(half)", convert(model, backend="reference").to(dtype)))
+    for way, fused in ways:
+        got = outputs[way] = fused(src, downsample_ratio=ratio)
+        assert all(t.dtype == dtype for t in got), way
+        for i, name in enumerate(["fgr", "pha"]):
+            golden_out = case[name].to(DEVICE)
+            err_fused = (got[i].double() - golden_out).abs().mean().item()
+            err_plain = (want[i].double() - golden_out).abs().mean().item()
+            assert err_fused <= 1.5 * err_plain + 1e-3, f"{way} {name}: fused {err_fused:.3g} vs plain {err_plain:.3g}"
+    ref = convert(plain, backend="reference")(src, downsample_ratio=ratio)
+    for name, a, b in zip(["fgr", "pha", "r1", "r2", "r3", "r4"], outputs["convert(half)"], ref):
+        diff = (a.double() - b.double()).abs()
+        assert diff.mean().item() <= 1e-3 and (diff > 1e-2).double().mean().item() <= 0.01, name
+
+
+def test_half_unit_computes_its_epilogue_in_float32():
+    # One unit (3x3, BN, LearnableBias, PReLU) in float32 and in float16, same packed input:
+    # the integer sums are exact, the epilogue runs in float32 in both, so the half unit's
+    # output is the float32 one rounded to half (plus the half rounding of its folded
+    # vectors): within a few half ulps. Its float32 vectors are made once and reused.
+    torch.manual_seed(0)
+    conv = BiConv2d(40, 24, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(24).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    unit32 = BinaryConvUnit([conv], [bn], LearnableBias(40), LearnableBias(24), torch.nn.PReLU(24)).to(DEVICE)
+    unit16 = copy.deepcopy(unit32).half()
+    x = torch.randn(2, 40, 9, 11, device=DEVICE)
+    packed = unit32.pack(x)
+    y32 = unit32.run(packed).y
+    y16 = unit16.run(packed).y
+    assert y32.dtype == torch.float32 and y16.dtype == torch.float16
+    assert unit16.epilogue().scale.dtype == torch.float32
+    assert unit16.epilogue().scale is unit16.epilogue().scale  # the copy is cached
+    tol = 4 * torch.finfo(torch.float16).eps * (y32.abs() + 1)
+    assert bool(((y16.float() - y32).abs() <= tol).all())
+    unit16.scale = unit16.scale * 2  # a new buffer: a new float32 copy
+    assert torch.equal(unit16.epilogue().scale, (unit16.scale).float())

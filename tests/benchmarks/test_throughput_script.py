@@ -32,6 +32,7 @@ def test_runs_all_variants_on_a_tiny_size(throughput, capsys):
             assert m.status == "ok" and m.fps > 0 and m.ms_per_frame > 0
         assert "CUDA" in by_variant[("rvm-fp16", setting)].status
         assert "CUDA" in by_variant[("bimatting-fused", setting)].status
+        assert "CUDA" in by_variant[("bimatting-fused-fp16", setting)].status
     assert any("bimatting-plain / rvm-fp32" in line for line in report["ratios"])
 
 
