@@ -25,7 +25,8 @@ How a call runs:
 The outputs of a replay live in the graph's memory. ``fgr``/``pha`` (the outputs before
 the states) are cloned unless ``clone_outputs=False``; the returned states are the
 graph's own, valid until the next call (they are meant to be passed back, as in the loop
-above). Graphs of different signatures share one memory pool.
+above). Graphs of different signatures on one device share a memory pool. Calls made
+under ``torch.inference_mode`` and without it can be mixed.
 
 What makes a model capturable: no host synchronisation in forward (no ``.item()``,
 ``.tolist()``, data-dependent shapes) and no CPU tensors. BiMatting's fused forward has
@@ -93,7 +94,7 @@ class CudaGraphStep(nn.Module):
         self.clone_outputs = clone_outputs
         self._seen: set = set()
         self._graphs: dict = {}
-        self._pool = None
+        self._pools: dict = {}  # device -> the memory pool its graphs share
 
     @property
     def graphs(self) -> int:
@@ -104,7 +105,7 @@ class CudaGraphStep(nn.Module):
         """Forget every captured graph (and its memory), e.g. after changing the model's weights."""
         self._seen.clear()
         self._graphs.clear()
-        self._pool = None
+        self._pools.clear()
 
     @torch.no_grad()
     def forward(self, src: Tensor, *rec: Tensor | None, downsample_ratio: float = 1,
@@ -123,10 +124,12 @@ class CudaGraphStep(nn.Module):
                 self._seen.add(key)
                 return self.model(src, *rec, **kwargs)
             captured = self._capture(key, src, rec, kwargs)
-        captured.src.copy_(src)
-        for static, value in zip(captured.rec, rec):
-            if value.data_ptr() != static.data_ptr():
-                static.copy_(value)
+        # Static tensors made under inference_mode can only be written in it (and others out of it).
+        with torch.inference_mode(captured.src.is_inference()):
+            captured.src.copy_(src)
+            for static, value in zip(captured.rec, rec):
+                if value.data_ptr() != static.data_ptr():
+                    static.copy_(value)
         captured.graph.replay()
         outputs = captured.outputs
         frame = len(outputs) - len(rec)
@@ -141,10 +144,10 @@ class CudaGraphStep(nn.Module):
         def step():
             return self.model(static_src, *static_rec, **kwargs)
 
-        if self._pool is None and src.device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
+        if src.device not in self._pools and src.device.type == "cuda":
+            self._pools[src.device] = torch.cuda.graph_pool_handle()
         try:
-            graph, outputs = capture(step, static_src, self._pool)
+            graph, outputs = capture(step, static_src, self._pools.get(src.device))
         except ValueError:
             raise
         except Exception as exc:

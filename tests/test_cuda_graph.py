@@ -28,7 +28,8 @@ class FakeGraph:
     def replay(self):
         self.replays += 1
         for static, fresh in zip(self.outputs, self.forward()):
-            static.copy_(fresh)
+            with torch.inference_mode(static.is_inference()):  # a real replay writes raw memory
+                static.copy_(fresh)
 
 
 @pytest.fixture
@@ -76,6 +77,21 @@ def test_replays_equal_eager_calls(model, fake_graphs):
     # Frame outputs are copies: a later replay did not overwrite an earlier result.
     for got, want in kept:
         assert torch.equal(got, want)
+
+
+def test_inference_mode_and_no_grad_calls_mix(model, fake_graphs):
+    # Captured under inference_mode (as convert_video runs), then called under no_grad.
+    step = CudaGraphStep(model)
+    rec = [None] * 4
+    with torch.inference_mode():
+        for i in range(3):
+            _, pha, *rec = step(_clip(1, i), *rec)
+    assert step.graphs == 1
+    with torch.no_grad():
+        states = [r.clone() for r in rec]  # normal tensors (the graph's own change at the next call)
+        _, want, *_ = model(_clip(1, 3), *states)
+        _, pha, *_ = step(_clip(1, 3), *states)
+    assert torch.equal(pha, want) and step.graphs == 1
 
 
 def test_graph_owned_outputs_and_reset(model, fake_graphs):
