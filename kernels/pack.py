@@ -24,8 +24,16 @@ the sign of an exact sum and rounds to 0 only when the exact sum is 0, so
 two dtypes, where negation and widening are exact) gives the same bits as the
 reference ``torch.sign(x + bias)`` for every float dtype, with no FTZ concern.
 
+Several sources: ``sign_pack([a, b, c], bias)`` packs ``torch.cat([a, b, c], dim=1)``
+without building it (up to 3 tensors with the same N, H, W, each with its own strides), and
+the last source may be a :class:`Product` ``(g, h)``, read as ``g * h``: the product is
+taken in the sources' dtype, a single correctly rounded multiplication as torch's, so the
+bits equal packing the materialised product (the bf16 interpreter path, which widens to
+float32, materialises it first).
+
 Public functions: :func:`sign_pack` (Triton; falls back to the reference where Triton
-cannot run) and :func:`sign_pack_reference` (plain PyTorch), plus the torch helpers
+cannot run), :func:`sign_pack_pair` (two biases, one read) and :func:`sign_pack_reference`
+(plain PyTorch), plus the torch helpers
 :func:`pack_values` / :func:`unpack_values` used by the references and weight packing.
 """
 from __future__ import annotations
