@@ -215,6 +215,7 @@ def test_product_source_equals_packing_the_product(dtype):
     hid = target / r  # r * hid == target up to one rounding (exactly where r is 1 or 0.5)
     tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     hid[:, :, 0, 0], r[:, :, 0, 0] = tiny, 0.25  # underflows to 0: sign 0, not +1
+    hid[:, :, 0, 1], r[:, :, 0, 1] = -torch.finfo(dtype).smallest_normal, 0.5  # a subnormal product, not 0
     hid[:, :, 1, 1], r[:, :, 1, 1] = -0.0, 0.7
     gate, hid = r.clone(), hid.clone()
     want_values = torch.cat([x, gate * hid], dim=1)
