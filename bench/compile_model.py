@@ -39,7 +39,8 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
            torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}
 KERNELS = {
     binary_conv: ["_binary_conv_kernel"],
-    sparse_unit: ["_sparse_conv_kernel", "_sparse_float_conv_kernel", "_tile_flags_kernel", "_compact_kernel"],
+    sparse_unit: ["_sparse_conv_kernel", "_sparse_float_conv_kernel", "_tile_flags_kernel", "_compact_kernel",
+                  "_masked_pair_kernel"],
     pack: ["_sign_pack_kernel"],
 }
 

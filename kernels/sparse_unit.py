@@ -4,13 +4,13 @@ BiMatting's decoder computes, at every level, ``branch3x3(x) * m + branch1x1(x)`
 ``m`` the incoherence mask resized to the level (soft, in [0, 1]; SPEC §2). Wherever
 ``m == 0`` the 3x3 branch contributes nothing, so it is computed here only on the
 *active tiles*: the output tiles of ``TH x TW`` pixels that hold a pixel with
-``m != 0``. The 1x1 branch runs densely first (a cheap dense launch, its result stored
-in the output), then the sparse kernel rewrites the active tiles in place::
+``m != 0``. One launch computes the unit, a program per tile (active or not)::
 
-    out = unit1x1(x)                              # dense, every pixel
-    out[tile] = unit3x3(x)[tile] * m[tile] + out[tile]   # active tiles only
+    y1 = unit1x1(x)[tile]                         # every tile
+    out[tile] = unit3x3(x)[tile] * m[tile] + y1   # active tiles
+    out[tile] = y1                                # the others
 
-Inactive tiles keep ``unit1x1(x)``, which is exactly ``unit3x3 * 0 + unit1x1`` (for a
+Inactive tiles get ``unit1x1(x)``, which is exactly ``unit3x3 * 0 + unit1x1`` (for a
 finite 3x3 result); inside an active tile the kernel computes the same
 ``y3 * m + y1`` in the same order as the dense path, so the result equals the dense
 computation everywhere (bitwise under the interpreter, where both round like PyTorch;
@@ -46,8 +46,11 @@ Kernels (each beside its plain-PyTorch reference)
 * :func:`sparse_float_conv2d` — a float KxK convolution (``tl.dot``, IEEE fp32 or fp64)
   with per-channel scale/shift (folded BatchNorm), activation and the mask stage over
   the active tiles: decode0's float 3x3 conv inside its masked branch.
-* :func:`sparse_unit` — the whole masked unit ``unit3x3 * m + unit1x1`` (dense 1x1
-  launch + sparse 3x3 launch); :func:`sparse_unit_reference` is the dense computation.
+* :func:`sparse_unit` — the whole masked unit ``unit3x3 * m + unit1x1`` in one launch
+  (``_masked_pair_kernel``: the 1x1 on every tile, the 3x3 where the tile's flag is
+  set); :func:`sparse_unit_reference` is the dense computation. (Epilogues with
+  residuals, which the decoder's units do not have, take two launches: the dense 1x1,
+  then :func:`sparse_binary_conv2d` rewriting the active tiles.)
 
 Counting: :meth:`TileList.computed_pixels` / :meth:`TileList.density` and
 :func:`skipped_bops` give the work actually skipped (device tensors; reading them syncs).
@@ -544,6 +547,56 @@ def _check_unit_epilogue(epi, name: str) -> None:
         raise ValueError(f"{name}: out, mask, addend and pack are set by the unit; leave them unset")
 
 
+@triton.jit
+def _masked_pair_kernel(
+    flags_ptr, flags_sg, TPI, TILES_W,  # flags (G, L) of the mask's tiles (halo 0), row stride flags_sg
+    G, x3_ptr, w3_ptr, x1_ptr, w1_ptr, H, W, CW, COUT,
+    s3_ptr, sh3_ptr, ba3_ptr, sl3_ptr, bb3_ptr,  # the 3x3 branch's epilogue vectors
+    s1_ptr, sh1_ptr, ba1_ptr, sl1_ptr, bb1_ptr,  # the 1x1 branch's
+    m_ptr, m_sn, m_sh, m_sw,
+    y_ptr, y_sn, y_sc, y_sh, y_sw,
+    METHOD: tl.constexpr, HW_POPC: tl.constexpr,
+    HAS_SHIFT3: tl.constexpr, HAS_BA3: tl.constexpr, ACT3: tl.constexpr, HAS_BB3: tl.constexpr,
+    HAS_SHIFT1: tl.constexpr, HAS_BA1: tl.constexpr, ACT1: tl.constexpr, HAS_BB1: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    # One program per tile of the frame (active or not) and BN output channels: the 1x1
+    # branch everywhere, the 3x3 branch and ``y3 * m + y1`` only where the tile is active.
+    e = tl.program_id(0)
+    g = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    item = e // TPI
+    r = e % TPI
+    n_img = item * G + g  # folded (B*G) order, as the tile lists
+    p = tl.arange(0, TH * TW)
+    oh = (r // TILES_W) * TH + p // TW
+    ow = (r % TILES_W) * TW + p % TW
+    m_ok = (oh < H) & (ow < W)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < COUT
+    mask = m_ok[:, None] & n_ok[None, :]
+    n64 = n_img.to(tl.int64)
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    acc1 = conv_accumulate(x1_ptr, w1_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
+                           1, 1, 1, 0, METHOD, HW_POPC, TH * TW, BN, BK)
+    # (no residuals in the decoder's units: the residual slots get a dummy pointer, mode 0)
+    y = epilogue_values(acc1, offs_n, n_ok, mask, n64, oh64, ow64, s1_ptr, sh1_ptr, ba1_ptr, sl1_ptr, bb1_ptr,
+                        s1_ptr, 0, 0, 0, 0, 1, 1, 1, s1_ptr, 0, 0, 0, 0, 1, 1, 1,
+                        HAS_SHIFT1, 0, HAS_BA1, ACT1, HAS_BB1, 0).to(y_ptr.dtype.element_ty)
+    if tl.load(flags_ptr + g.to(tl.int64) * flags_sg + e) != 0:
+        acc3 = conv_accumulate(x3_ptr, w3_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
+                               3, 3, 1, 1, METHOD, HW_POPC, TH * TW, BN, BK)
+        y3 = epilogue_values(acc3, offs_n, n_ok, mask, n64, oh64, ow64, s3_ptr, sh3_ptr, ba3_ptr, sl3_ptr, bb3_ptr,
+                             s3_ptr, 0, 0, 0, 0, 1, 1, 1, s3_ptr, 0, 0, 0, 0, 1, 1, 1,
+                             HAS_SHIFT3, 0, HAS_BA3, ACT3, HAS_BB3, 0)
+        # y3 * m + y1 in the output dtype, as the network and the two-kernel form round it
+        m = tl.load(m_ptr + (n64 * m_sn + oh64 * m_sh + ow64 * m_sw)[:, None], mask=mask, other=0.0)
+        y = y3.to(y_ptr.dtype.element_ty) * m.to(y_ptr.dtype.element_ty) + y
+    y_off = (n64 * y_sn + oh64 * y_sh + ow64 * y_sw)[:, None] + (offs_n.to(tl.int64) * y_sc)[None, :]
+    tl.store(y_ptr + y_off, y, mask=mask)
+
+
 def sparse_unit(
     x3: PackedActivation,
     w3: PackedWeight,
@@ -559,16 +612,87 @@ def sparse_unit(
     """The decoder's masked unit ``unit3x3(x) * mask + unit1x1(x)``, the 3x3 only on active tiles.
 
     ``x3`` / ``x1``: the unit input packed with each branch's own LearnableBias (N, Cin,
-    H, W); ``w3`` / ``w1``: 3x3 and 1x1 :class:`PackedWeight` (same Cout, stride 1);
+    H, W); ``w3`` / ``w1``: 3x3 (padding 1) and 1x1 :class:`PackedWeight` (same Cout, stride 1);
     ``epi3`` / ``epi1``: their epilogues (BN/bias/LB/activation, e.g. the GRU gates'
-    ``act='sigmoid'``), without ``out``/``mask``/``addend``/``pack``. ``mask``: float
-    (N, 1, H, W), the level's mask; ``tiles``: its :class:`TileList` (``halo=0`` suffices).
-    Returns (N, Cout, H, W) (channels-last) of ``epi1``'s output dtype: the 1x1 branch
-    everywhere, ``y3 * mask + y1`` on the active tiles. Equal to
-    :func:`sparse_unit_reference` wherever ``mask == 0`` exactly, elsewhere up to rounding.
+    ``act='sigmoid'``), without ``out``/``mask``/``addend``/``pack`` (and, with the
+    kernel, without residuals). ``mask``: float (N, 1, H, W), the level's mask; ``tiles``:
+    its :class:`TileList` (``halo=0`` suffices). Returns (N, Cout, H, W) (channels-last)
+    of ``epi1``'s output dtype: the 1x1 branch everywhere, ``y3 * mask + y1`` on the
+    active tiles. One launch (``_masked_pair_kernel``: a program per tile, the 3x3 only
+    where the tile's flag is set). Equal to :func:`sparse_unit_reference` wherever
+    ``mask == 0`` exactly, elsewhere up to rounding.
     """
     _check_unit_epilogue(epi3, "epi3")
     _check_unit_epilogue(epi1, "epi1")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    n, _, h, w, ho, wo = _check_conv_args(x1, w1)
+    n3, _, h3, w3_, ho3, wo3 = _check_conv_args(x3, w3)
+    if w1.kernel_size != (1, 1) or w1.stride != 1 or w3.kernel_size != (3, 3) or w3.stride != 1 or w3.padding != 1:
+        raise ValueError(f"sparse_unit: w3 must be a 3x3 conv with padding 1 and w1 a 1x1, both stride 1; got "
+                         f"{w3.kernel_size} pad {w3.padding} stride {w3.stride} and {w1.kernel_size} stride {w1.stride}")
+    if (n3, h3, w3_) != (n, h, w) or w3.out_channels != w1.out_channels or x3.words != x1.words:
+        raise ValueError(f"sparse_unit: x3/w3 {(n3, x3.channels, h3, w3_)} -> {w3.out_channels} and x1/w1 "
+                         f"{(n, x1.channels, h, w)} -> {w1.out_channels} must match")
+    cout = w1.out_channels
+    if not triton_can_run(x1.bits) or epi3.residual is not None or epi1.residual is not None \
+            or epi3.post_residual is not None or epi1.post_residual is not None:
+        return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method)
+    p1 = _prepare(epi1, n, cout, ho, wo, x1.device)
+    p3 = _prepare(dataclasses.replace(epi3, out_dtype=p1.out_dtype), n, cout, ho, wo, x1.device)
+    if interpreting() and p1.out_dtype == torch.bfloat16:
+        return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method)
+    mask = _float_mask(mask, n, ho, wo, x1.device)
+    _check_tiles(tiles, n, ho, wo, x1.device)
+    y = torch.empty((n, cout, ho, wo), dtype=p1.out_dtype, device=x1.device, memory_format=torch.channels_last)
+    if n == 0 or tiles.capacity == 0 or tiles.groups == 0:
+        return y
+    if interpreting() and mask.dtype == torch.bfloat16:
+        mask = mask.float()
+    code = 1 if method == "popcount" else 0
+
+    def vectors(pp):
+        return tuple(v if v is not None else pp.scale for v in (pp.scale, pp.shift, pp.bias_a, pp.slope, pp.bias_b))
+
+    def flags(pp, suffix):
+        f = epilogue_flags(pp)
+        return {f"HAS_SHIFT{suffix}": f["HAS_SHIFT"], f"HAS_BA{suffix}": f["HAS_BA"], f"ACT{suffix}": f["ACT"],
+                f"HAS_BB{suffix}": f["HAS_BB"]}
+
+    config = _pair_config(code, cout, x1.words * 32)
+    th, tw = tiles.tile
+    grid = (tiles.capacity, tiles.groups, triton.cdiv(cout, config["BN"]))
+    compiled = _masked_pair_kernel[grid](
+        tiles.flags, tiles.flags.stride(0), tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
+        x3.bits, w3.int8 if code == 0 else w3.bits, x1.bits, w1.int8 if code == 0 else w1.bits,
+        h, w, x1.words, cout, *vectors(p3), *vectors(p1),
+        mask, mask.stride(0), mask.stride(2), mask.stride(3), y, *y.stride(),
+        METHOD=code, HW_POPC=hardware_popcount(x1.bits), **flags(p3, "3"), **flags(p1, "1"),
+        TH=th, TW=tw, **config,
+    )
+    note_compiled("masked_pair", config, compiled)
+    return y
+
+
+def _pair_config(method: int, cout: int, cin_pad: int) -> dict:
+    """The masked pair kernel's tile: one of the sparse conv's (a tile's 64 pixels x BN
+    channels), fixed under the interpreter."""
+    if interpreting():
+        return dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
+    return sparse_heuristic_config(method, cout, cin_pad)
+
+
+def _float_mask(mask, n: int, h: int, w: int, device) -> Tensor:
+    if not isinstance(mask, Tensor) or not mask.is_floating_point() or tuple(mask.shape) != (n, 1, h, w):
+        raise ValueError(f"mask must be a float tensor of shape {(n, 1, h, w)}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, expected {device}")
+    return mask
+
+
+def _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method) -> Tensor:
+    """The dense 1x1 launch then the sparse 3x3 rewriting the active tiles (residuals allowed)."""
     y1 = binary_conv2d(x1, w1, epi1, method=method).y
     epi = dataclasses.replace(epi3, out=y1, out_dtype=y1.dtype, mask=mask, addend=y1)
     return sparse_binary_conv2d(x3, w3, epi, tiles, method=method)

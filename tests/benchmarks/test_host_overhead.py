@@ -10,7 +10,7 @@ import sys
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 KERNELS = {"_binary_conv_kernel", "_sign_pack_kernel", "_sparse_conv_kernel", "_tile_flags_kernel",
-           "_compact_kernel", "_sparse_float_conv_kernel"}
+           "_compact_kernel", "_sparse_float_conv_kernel", "_masked_pair_kernel"}
 
 
 def _run(code: str) -> dict:

@@ -388,6 +388,12 @@ def test_bad_arguments():
         active_tiles(torch.zeros(B, T, 2, H, W))
     with pytest.raises(ValueError, match="epi3: out, mask, addend and pack are set by the unit"):
         sparse_unit(x3, w3, replace(epi, out=out), x1, w1, epi, mask5.flatten(0, 1), tiles)
+    with pytest.raises(ValueError, match="w3 must be a 3x3 conv with padding 1 and w1 a 1x1"):
+        sparse_unit(x1, w1, epi, x3, w3, epi, mask5.flatten(0, 1), tiles)  # branches swapped
+    with pytest.raises(ValueError, match="mask must be a float tensor of shape"):
+        sparse_unit(x3, w3, epi, x1, w1, epi, mask5.flatten(0, 1)[:, :, 1:], tiles)
+    with pytest.raises(ValueError, match="tiles cover 2 items x 1 frames"):
+        sparse_unit(x3, w3, epi, x1, w1, epi, mask5.flatten(0, 1), tiles.select(0))
     with pytest.raises(ValueError, match="epilogue.mask must be a float tensor of shape"):
         binary_conv2d(x3, w3, replace(epi, mask=torch.zeros(B * T, 2, H, W)))
     with pytest.raises(ValueError, match="addend is only used with a mask"):
