@@ -26,6 +26,10 @@ shapes, read from the model on the ``meta`` device: decode3..1 ``conv``, ``gru.i
   shared by the level's units; decode0 builds two). Medians of
   ``triton.testing.do_bench`` on CUDA. (decode0's binary unit is timed with the mask
   stage too; in the model it stores its result unmasked for the float conv: same work.)
+* ``unit dense ms`` / ``unit ms`` (decode3..1): the whole masked unit as the model runs it,
+  ``unit3x3 * m + unit1x1``: two dense launches (the 1x1, then the 3x3 with the mask
+  stage) against ``sparse_unit``'s one launch (the 1x1 on every tile, the 3x3 on the
+  active ones). Its time keeps the 1x1 branch's dense cost at any density.
 
 Before timing, every case checks that the sparse result equals the dense one
 (bitwise where the mask is 0; within 1e-3 relative elsewhere, an FMA apart).
@@ -35,6 +39,7 @@ once and checks it (on the CPU under ``TRITON_INTERPRET=1``; small sizes only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -136,6 +141,8 @@ class Row:
     dense_ms: float | None = None
     sparse_ms: float | None = None
     list_ms: float | None = None
+    unit_dense_ms: float | None = None
+    unit_ms: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -166,7 +173,7 @@ def run(args) -> tuple[list[Row], str]:
     from bimatting_triton.kernels.binary_conv import Epilogue, binary_conv2d, pack_weight
     from bimatting_triton.kernels.pack import sign_pack
     from bimatting_triton.kernels.sparse_unit import active_tiles, skipped_bops, sparse_binary_conv2d, \
-        sparse_float_conv2d
+        sparse_float_conv2d, sparse_unit
 
     cuda = torch.cuda.is_available()
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -220,6 +227,18 @@ def run(args) -> tuple[list[Row], str]:
                 _check(out, dense, m, what)
                 row.dense_ms = _time(lambda: binary_conv2d(px, pw, dense_epi), timing)
                 row.sparse_ms = _time(lambda: sparse_binary_conv2d(px, pw, sparse_epi, tiles), timing)
+                if unit.block != "decode0":  # the masked pair: 1x1 + 3x3 * m
+                    pw1 = pack_weight(torch.randn(unit.cout, unit.cin, 1, 1, generator=gen).to(dev))
+                    e3 = Epilogue(scale=kw["scale"], shift=kw["shift"], act="relu", out_dtype=dtype)
+                    e1 = Epilogue(scale=kw["scale"].flip(0), shift=kw["shift"], act="relu", out_dtype=dtype)
+
+                    def dense_unit():
+                        y1u = binary_conv2d(px, pw1, e1).y
+                        return binary_conv2d(px, pw, dataclasses.replace(e3, mask=m, addend=y1u)).y
+
+                    _check(sparse_unit(px, pw, e3, px, pw1, e1, m, tiles), dense_unit(), m, what + " (unit)")
+                    row.unit_dense_ms = _time(dense_unit, timing)
+                    row.unit_ms = _time(lambda: sparse_unit(px, pw, e3, px, pw1, e1, m, tiles), timing)
             else:
                 xf = x.to(dtype).contiguous(memory_format=torch.channels_last)
                 weight = torch.randn(unit.cout, unit.cin, 3, 3, generator=gen).to(dev, dtype) * 0.1
@@ -245,13 +264,14 @@ def _fmt(v, spec: str) -> str:
 def render(rows: list[Row], device: str, args) -> str:
     lines = [f"# sparse decoder units, {args.size}, tile {args.tile}, {args.dtype}, device: {device}", ""]
     lines.append("| target | block | unit | shape | pixels | tiles | skipped G(B)OPs | dense ms | sparse ms | speedup "
-                 "| list ms |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| list ms | unit dense ms | unit ms |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lines.append(
             f"| {r.target:.0%} | {r.block} | {r.unit} | {r.shape} | {r.pixels:.3f} | {r.tiles:.3f} | "
             f"{r.skipped_g:.4f} | {_fmt(r.dense_ms, '.4f')} | {_fmt(r.sparse_ms, '.4f')} | "
-            f"{_fmt(r.speedup, '.2f')} | {_fmt(r.list_ms, '.4f')} |"
+            f"{_fmt(r.speedup, '.2f')} | {_fmt(r.list_ms, '.4f')} | {_fmt(r.unit_dense_ms, '.4f')} | "
+            f"{_fmt(r.unit_ms, '.4f')} |"
         )
     lines += ["", "| target | skipped GBOPs (binary) | skipped GFLOPs (decode0 float) | dense ms (sum) | "
               "sparse ms (sum, + lists) | speedup |", "|---|---|---|---|---|---|"]

@@ -419,9 +419,9 @@ def test_fallback_without_triton(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
-# bench/sparse.py (counts only: no kernels, any machine)
+# bench/sparse.py (counts on any machine; the kernels' checks under the interpreter)
 # ----------------------------------------------------------------------------------------
-def test_bench_counts_skipped_bops(monkeypatch, capsys):
+def _sparse_bench(monkeypatch):
     import importlib.util
     import sys
 
@@ -431,6 +431,21 @@ def test_bench_counts_skipped_bops(monkeypatch, capsys):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the CUDA session runs the bench itself")
+def test_bench_checks_every_unit_against_dense(monkeypatch, capsys):
+    # --check-only: each sparse kernel and the one-launch masked unit checked against the
+    # dense kernels (bitwise where m == 0) at every level's real shapes, small frame.
+    bench = _sparse_bench(monkeypatch)
+    rows = bench.main(["--size", "64x36@1", "--densities", "30", "--dtype", "float32", "--check-only"])
+    assert "unit ms" in capsys.readouterr().out
+    assert len(rows) == 11 and all(0 < r.tiles <= 1 for r in rows)
+
+
+def test_bench_counts_skipped_bops(monkeypatch, capsys):
+    bench = _sparse_bench(monkeypatch)
     rows = bench.main(["--size", "256x144@0.5", "--densities", "0,10,100", "--counts-only"])
     assert "skipped GBOPs" in capsys.readouterr().out
     # At 0 % every masked multiply-accumulate is skipped: Cin * 9 * Cout per pixel of each
