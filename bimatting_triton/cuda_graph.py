@@ -1,6 +1,6 @@
 """CUDA-graph replays of a matting model's streaming step: no Python or launch overhead.
 
-At one frame per call (T = 1, live video) the fused model is bound by launching its ~130
+At one frame per call (T = 1, live video) the fused model is bound by launching its ~120
 kernels from Python, not by the GPU (bench/RESULTS.md). A CUDA graph records those
 launches once and replays them with one call. :class:`CudaGraphStep` wraps a model
 with RVM's streaming contract and does that transparently::
