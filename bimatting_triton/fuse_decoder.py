@@ -13,9 +13,10 @@ forward, built on the device, shared by the block's conv and, frame by frame, it
   -> BN -> LB -> PReLU, both fused in the kernels' epilogue), then the GRU.
 * :class:`FusedMaskedConvGRU`: per frame, ``(r, z) = ih(g) * m + ih_1x1(g)`` and
   ``cand = hh(g') * m + hh_1x1(g')``, with the gate's bias, LearnableBias and sigmoid /
-  tanh in the epilogue; the gating ``h = (1 - z) h + z cand`` is one ``torch.lerp``
-  written straight into the block's output.
-* :class:`FusedConvGRU`: the bottleneck's dense ``ConvGRU`` (decode4.gru) the same way.
+  tanh in the epilogue; the gating ``h = (1 - z) h + z cand`` (as ``h + z (cand - h)``)
+  in the candidate's own kernel launch, written straight into the block's output.
+* :class:`FusedConvGRU`: the bottleneck's dense ``ConvGRU`` (decode4.gru) the same way
+  (its update one ``torch.lerp``).
 * :class:`FusedOutputBlock` (decode0): the masked branch is a binary 3x3 unit (BN, ReLU)
   followed by a float 3x3 conv (16 -> 16, BN, ReLU). The float conv needs its input on a
   one-pixel ring around every masked pixel, so the binary unit runs on the tiles of the
@@ -57,6 +58,7 @@ from .kernels.sparse_unit import (
     active_tiles_reference,
     default_tile,
     skipped_bops,
+    gru_update,
     sparse_binary_conv2d,
     sparse_float_conv2d,
     sparse_unit,
@@ -109,14 +111,16 @@ def _pack_pair(unit_a: BinaryConvUnit, unit_b: BinaryConvUnit, sources: list[Ten
 
 
 def _masked_pair(unit3: BinaryConvUnit, unit1: BinaryConvUnit, sources: list[Tensor], mask: Tensor,
-                 tiles: TileList) -> Tensor:
+                 tiles: TileList, gru: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """``unit3(y) * mask + unit1(y)`` with ``y = cat(sources, 1)`` (N, Cin, H, W) float,
-    mask (N, 1, H, W) -> (N, Cout, H, W)."""
+    mask (N, 1, H, W) -> (N, Cout, H, W). ``gru = (h, z, out)``: the GRU's new state
+    ``lerp(h, unit, z)`` instead, written into ``out`` (in the unit's kernel launch)."""
     x3, x1 = _pack_pair(unit3, unit1, sources)
     args = (x3, unit3.packed_weight(), unit3.epilogue(), x1, unit1.packed_weight(), unit1.epilogue(), mask)
     if unit3.backend == "reference":
-        return sparse_unit_reference(*args)
-    return sparse_unit(*args, tiles)
+        unit = sparse_unit_reference(*args)
+        return unit if gru is None else gru_update(unit, gru)
+    return sparse_unit(*args, tiles, gru=gru)
 
 
 def _crop_upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -174,15 +178,11 @@ class FusedMaskedConvGRU(_SparseBlock):
             xt, m, tt = x[:, t], mask[:, t], tiles.select(t)
             gates = _masked_pair(self.ih, self.ih_1x1, [xt, h], m, tt)
             reset, update = gates.split(self.channels, dim=1)
-            cand = _masked_pair(self.hh, self.hh_1x1, [xt, Product(reset, h)], m, tt)
-            h = _gru_update(h, cand, update, outputs[:, t])
+            # the candidate and the update h + z (cand - h) in one launch, into the outputs
+            h = _masked_pair(self.hh, self.hh_1x1, [xt, Product(reset, h)], m, tt, gru=(h, update, outputs[:, t]))
         return outputs, h
 
 
-def _gru_update(h: Tensor, cand: Tensor, update: Tensor, out: Tensor) -> Tensor:
-    """The GRU's ``(1 - z) h + z cand`` as one ``torch.lerp`` written into ``out`` (one launch
-    instead of four; equal up to rounding), returned."""
-    return torch.lerp(h, cand, update, out=out)
 
 
 class FusedConvGRU(nn.Module):
@@ -206,7 +206,7 @@ class FusedConvGRU(nn.Module):
             xt = x[:, t]
             reset, update = self.ih.run(self.ih.pack([xt, h])).y.split(self.channels, dim=1)
             cand = self.hh.run(self.hh.pack([xt, Product(reset, h)])).y
-            h = _gru_update(h, cand, update, outputs[:, t])
+            h = gru_update(cand, (h, update, outputs[:, t]))  # (1 - z) h + z cand as one lerp
         return outputs, h
 
 

@@ -97,6 +97,7 @@ __all__ = [
     "sparse_float_conv2d_reference",
     "sparse_unit",
     "sparse_unit_reference",
+    "gru_update",
     "skipped_bops",
 ]
 
@@ -555,9 +556,12 @@ def _masked_pair_kernel(
     s1_ptr, sh1_ptr, ba1_ptr, sl1_ptr, bb1_ptr,  # the 1x1 branch's
     m_ptr, m_sn, m_sh, m_sw,
     y_ptr, y_sn, y_sc, y_sh, y_sw,
+    h_ptr, h_sn, h_sc, h_sh, h_sw,  # GRU: the state h (N, COUT, H, W)
+    z_ptr, z_sn, z_sc, z_sh, z_sw,  # GRU: the update gate z (N, COUT, H, W)
     METHOD: tl.constexpr, HW_POPC: tl.constexpr,
     HAS_SHIFT3: tl.constexpr, HAS_BA3: tl.constexpr, ACT3: tl.constexpr, HAS_BB3: tl.constexpr,
     HAS_SHIFT1: tl.constexpr, HAS_BA1: tl.constexpr, ACT1: tl.constexpr, HAS_BB1: tl.constexpr,
+    GRU: tl.constexpr,  # store the GRU's new state h + z * (unit - h) instead of the unit
     TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     # One program per tile of the frame (active or not) and BN output channels: the 1x1
@@ -593,6 +597,14 @@ def _masked_pair_kernel(
         # y3 * m + y1 in the output dtype, as the network and the two-kernel form round it
         m = tl.load(m_ptr + (n64 * m_sn + oh64 * m_sh + ow64 * m_sw)[:, None], mask=mask, other=0.0)
         y = y3.to(y_ptr.dtype.element_ty) * m.to(y_ptr.dtype.element_ty) + y
+    if GRU:
+        # torch.lerp(h, y, z) up to rounding, in the epilogue's compute dtype
+        cd = s1_ptr.dtype.element_ty
+        h_off = (n64 * h_sn + oh64 * h_sh + ow64 * h_sw)[:, None] + (offs_n.to(tl.int64) * h_sc)[None, :]
+        z_off = (n64 * z_sn + oh64 * z_sh + ow64 * z_sw)[:, None] + (offs_n.to(tl.int64) * z_sc)[None, :]
+        h = tl.load(h_ptr + h_off, mask=mask, other=0.0).to(cd)
+        z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(cd)
+        y = (h + z * (y.to(cd) - h)).to(y_ptr.dtype.element_ty)
     y_off = (n64 * y_sn + oh64 * y_sh + ow64 * y_sw)[:, None] + (offs_n.to(tl.int64) * y_sc)[None, :]
     tl.store(y_ptr + y_off, y, mask=mask)
 
@@ -608,6 +620,7 @@ def sparse_unit(
     tiles: TileList,
     *,
     method: str = "auto",
+    gru: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """The decoder's masked unit ``unit3x3(x) * mask + unit1x1(x)``, the 3x3 only on active tiles.
 
@@ -621,6 +634,11 @@ def sparse_unit(
     active tiles. One launch (``_masked_pair_kernel``: a program per tile, the 3x3 only
     where the tile's flag is set). Equal to :func:`sparse_unit_reference` wherever
     ``mask == 0`` exactly, elsewhere up to rounding.
+
+    ``gru = (h, z, out)``: the unit is a GRU's candidate; return the new state
+    ``torch.lerp(h, unit, z)`` = ``h + z * (unit - h)`` instead (computed in the epilogue's
+    dtype, stored in ``out``, a (N, Cout, H, W) tensor of the output dtype, any strides, or
+    a new one if ``out`` is None; ``h``, ``z``: (N, Cout, H, W), any strides).
     """
     _check_unit_epilogue(epi3, "epi3")
     _check_unit_epilogue(epi1, "epi1")
@@ -637,14 +655,16 @@ def sparse_unit(
     cout = w1.out_channels
     if not triton_can_run(x1.bits) or epi3.residual is not None or epi1.residual is not None \
             or epi3.post_residual is not None or epi1.post_residual is not None:
-        return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method)
+        return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru)
     p1 = _prepare(epi1, n, cout, ho, wo, x1.device)
     p3 = _prepare(dataclasses.replace(epi3, out_dtype=p1.out_dtype), n, cout, ho, wo, x1.device)
     if interpreting() and p1.out_dtype == torch.bfloat16:
-        return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method)
+        return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru)
     mask = _float_mask(mask, n, ho, wo, x1.device)
     _check_tiles(tiles, n, ho, wo, x1.device)
-    y = torch.empty((n, cout, ho, wo), dtype=p1.out_dtype, device=x1.device, memory_format=torch.channels_last)
+    h_state, z_gate, y = _check_gru(gru, n, cout, ho, wo, p1.out_dtype, x1.device)
+    if y is None:
+        y = torch.empty((n, cout, ho, wo), dtype=p1.out_dtype, device=x1.device, memory_format=torch.channels_last)
     if n == 0 or tiles.capacity == 0 or tiles.groups == 0:
         return y
     if interpreting() and mask.dtype == torch.bfloat16:
@@ -667,7 +687,9 @@ def sparse_unit(
         x3.bits, w3.int8 if code == 0 else w3.bits, x1.bits, w1.int8 if code == 0 else w1.bits,
         h, w, x1.words, cout, *vectors(p3), *vectors(p1),
         mask, mask.stride(0), mask.stride(2), mask.stride(3), y, *y.stride(),
-        METHOD=code, HW_POPC=hardware_popcount(x1.bits), **flags(p3, "3"), **flags(p1, "1"),
+        *((h_state, *h_state.stride()) if gru else (y, 0, 0, 0, 0)),
+        *((z_gate, *z_gate.stride()) if gru else (y, 0, 0, 0, 0)),
+        METHOD=code, HW_POPC=hardware_popcount(x1.bits), **flags(p3, "3"), **flags(p1, "1"), GRU=gru is not None,
         TH=th, TW=tw, **config,
     )
     note_compiled("masked_pair", config, compiled)
@@ -691,11 +713,44 @@ def _float_mask(mask, n: int, h: int, w: int, device) -> Tensor:
     return mask
 
 
-def _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method) -> Tensor:
-    """The dense 1x1 launch then the sparse 3x3 rewriting the active tiles (residuals allowed)."""
+def _check_gru(gru, n: int, cout: int, h: int, w: int, dtype: torch.dtype, device):
+    """(h, z, out) of :func:`sparse_unit`'s ``gru`` checked, or (None, None, None)."""
+    if gru is None:
+        return None, None, None
+    if not isinstance(gru, tuple) or len(gru) != 3:
+        raise TypeError("gru must be a tuple (h, z, out) with out a tensor or None")
+    state, gate, out = gru
+    for name, t in (("gru h", state), ("gru z", gate), ("gru out", out)):
+        if t is None and name == "gru out":
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != (n, cout, h, w) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor of shape {(n, cout, h, w)}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if out is not None and out.dtype != dtype:
+        raise ValueError(f"gru out must have the unit's output dtype {dtype}, got {out.dtype}")
+    return state, gate, out
+
+
+def _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru=None) -> Tensor:
+    """The dense 1x1 launch then the sparse 3x3 rewriting the active tiles (residuals allowed),
+    then the GRU update if asked (``torch.lerp``)."""
     y1 = binary_conv2d(x1, w1, epi1, method=method).y
     epi = dataclasses.replace(epi3, out=y1, out_dtype=y1.dtype, mask=mask, addend=y1)
-    return sparse_binary_conv2d(x3, w3, epi, tiles, method=method)
+    unit = sparse_binary_conv2d(x3, w3, epi, tiles, method=method)
+    return unit if gru is None else gru_update(unit, gru)
+
+
+def gru_update(unit: Tensor, gru: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """``torch.lerp(h, unit, z)`` for ``gru = (h, z, out)``, into ``out`` if given (the
+    plain-PyTorch form of :func:`sparse_unit`'s ``gru`` option)."""
+    state, gate, out = gru
+    n, c, h, w = unit.shape
+    _check_gru(gru, n, c, h, w, unit.dtype, unit.device)
+    if out is None:
+        return torch.lerp(state, unit, gate)
+    return torch.lerp(state, unit, gate, out=out)
 
 
 def sparse_unit_reference(

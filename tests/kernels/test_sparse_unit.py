@@ -27,6 +27,7 @@ from bimatting_triton.kernels.sparse_unit import (
     TileList,
     active_tiles,
     active_tiles_reference,
+    gru_update,
     skipped_bops,
     sparse_binary_conv2d,
     sparse_binary_conv2d_reference,
@@ -266,6 +267,37 @@ def test_frame_lists_for_recurrent_steps():
         m = mask5[:, t]  # (B, 1, H, W), a strided view
         got = sparse_unit(x3, w3, e3, x1, w1, e1, m, tiles.select(t))
         _assert_combined_equal(got, binary_conv2d(x3, w3, e3).y, m, binary_conv2d(x1, w1, e1).y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_unit_gru_update(dtype):
+    # gru=(h, z, out): the unit's launch also applies the GRU update h + z (unit - h), i.e.
+    # torch.lerp(h, unit, z) up to rounding, into a strided out (a frame of a clip tensor).
+    mask5 = _mask("random-0.25").to(DEVICE)
+    tiles = active_tiles(mask5, TILE)
+    x3, w3, x1, w1 = _unit_inputs(B, H, W)
+    kw = dict(dtype=dtype, device=DEVICE)
+    e3 = Epilogue(scale=torch.rand(COUT, **kw), shift=torch.randn(COUT, **kw), act="tanh")
+    e1 = Epilogue(scale=torch.rand(COUT, **kw), shift=torch.randn(COUT, **kw), act="tanh")
+    clip = torch.randn(B, T, COUT, H, W + 2, **kw)[..., 1:-1]  # outputs (B, T, C, H, W), strided
+    state = torch.randn(B, COUT, H, W, **kw)
+    gate = torch.rand(B, 2 * COUT, H, W, **kw)[:, COUT:]  # the update half of the gates
+    for t in range(T):
+        m = mask5[:, t]
+        unit = sparse_unit(x3, w3, e3, x1, w1, e1, m, tiles.select(t))
+        got = sparse_unit(x3, w3, e3, x1, w1, e1, m, tiles.select(t), gru=(state, gate, clip[:, t]))
+        assert got.data_ptr() == clip[:, t].data_ptr()
+        want = torch.lerp(state, unit, gate)
+        tol = 4 * torch.finfo(dtype).eps * (state.abs() + unit.abs())
+        assert bool(((got - want).abs() <= tol).all())
+        assert torch.equal(gru_update(unit, (state, gate, None)), want)
+        fresh = sparse_unit(x3, w3, e3, x1, w1, e1, m, tiles.select(t), gru=(state, gate, None))
+        assert torch.equal(fresh, got)
+        state = got
+    with pytest.raises(ValueError, match=r"gru z must be a float tensor of shape \(2, 24, 11, 19\)"):
+        sparse_unit(x3, w3, e3, x1, w1, e1, mask5[:, 0], tiles.select(0), gru=(state, gate[:, :3], None))
+    with pytest.raises(ValueError, match="gru out must have the unit's output dtype"):
+        sparse_unit(x3, w3, e3, x1, w1, e1, mask5[:, 0], tiles.select(0), gru=(state, gate, state.half()))
 
 
 @pytest.mark.parametrize("method", ["dot", "popcount"])
