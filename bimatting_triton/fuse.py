@@ -78,7 +78,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def in_compute_dtype(module: nn.Module, *names: str) -> list[Tensor | None]:
     """``module``'s float buffers ``names`` in their :func:`compute_dtype`: the buffers
     themselves when they are float32/float64, else float32 copies, made once and reused
-    while the buffers are the same tensors (``.half()``/``.to()`` replace them)."""
+    while the buffers are the same tensors, unchanged (``.half()``/``.to()`` replace them;
+    ``load_state_dict`` and other in-place writes bump their version counter)."""
     cache = module.__dict__.setdefault("_compute_copies", {})
     out = []
     for name in names:
@@ -86,10 +87,11 @@ def in_compute_dtype(module: nn.Module, *names: str) -> list[Tensor | None]:
         if t is None or t.dtype in (torch.float32, torch.float64):
             out.append(t)
             continue
+        version = None if t.is_inference() else t._version  # inference tensors have no counter
         hit = cache.get(name)
-        if hit is None or hit[0] is not t:
-            hit = cache[name] = (t, t.to(compute_dtype(t.dtype)))
-        out.append(hit[1])
+        if hit is None or hit[0] is not t or version is None or hit[1] != version:
+            hit = cache[name] = (t, version, t.to(compute_dtype(t.dtype)))
+        out.append(hit[2])
     return out
 
 

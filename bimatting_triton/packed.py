@@ -80,6 +80,7 @@ _DTYPES = {
 }  # fmt: skip
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
+_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a model's float dtype
 
 # Manifest kinds: how an entry is stored.
 _BITS, _INT8, _ALPHA, _CONST, _POOL = "bits", "int8", "alpha", "const", "pool"
@@ -224,7 +225,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
 
     ``model``: a :class:`~bimatting_triton.BiMatting`, plain (converted here with
     ``convert``: BatchNorm folded with its running statistics, i.e. eval semantics) or
-    already converted, float32 or float64. :func:`load_packed` gives back a model whose
+    already converted, in float16, bfloat16, float32 or float64. :func:`load_packed` gives back a model whose
     outputs equal ``convert(model)``'s bit for bit (module docstring). The file is
     written atomically.
     """
@@ -233,8 +234,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     if len(dtypes) != 1:
         raise ValueError(f"model must have one float dtype, got {sorted(str(d) for d in dtypes)}")
     (dtype,) = dtypes
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"model must be float32 or float64, got {dtype}")
+    if dtype not in _MODEL_DTYPES:
+        raise ValueError(f"model must be float16, bfloat16, float32 or float64, got {dtype}")
     rows, signs, zeros, pools = _encode(fused)
     manifest = zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 9)
     obj: dict = {
@@ -290,7 +291,7 @@ def _read(path: str) -> tuple[dict, list]:
     bad += [k for k, v in pools.items() if not isinstance(v, Tensor) or _DTYPES.get(k[5:]) != v.dtype]
     if bad:
         raise PackedCheckpointError(f"{path!r}: missing or malformed header fields {sorted(bad)}")
-    if obj["dtype"] not in ("float32", "float64"):
+    if obj["dtype"] not in (_NAMES[d] for d in _MODEL_DTYPES):
         raise PackedCheckpointError(f"{path!r}: unknown model dtype {obj['dtype']!r}")
     if _digest(_payload(obj)) != obj["sha256"]:
         raise PackedCheckpointError(f"{path!r}: checksum mismatch, the file is corrupted")

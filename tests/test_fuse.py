@@ -173,3 +173,6 @@ def test_half_unit_computes_its_epilogue_in_float32():
     assert bool(((y16.float() - y32).abs() <= tol).all())
     unit16.scale = unit16.scale * 2  # a new buffer: a new float32 copy
     assert torch.equal(unit16.epilogue().scale, (unit16.scale).float())
+    unit16.load_state_dict(unit32.half().state_dict())  # in place: the copies follow
+    assert torch.equal(unit16.epilogue().scale, unit32.scale.float())
+    assert torch.equal(unit16.epilogue().shift, unit32.shift.float())

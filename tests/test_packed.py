@@ -120,6 +120,27 @@ def test_float64_model_round_trip(golden, tmp_path):
         assert torch.equal(x, y)
 
 
+def test_half_precision_model_round_trip(tmp_path):
+    # A half-precision fused model (fp16 buffers, float32 epilogues) stores its floats in
+    # float16 and comes back equal, outputs bit for bit.
+    torch.manual_seed(0)
+    fused = convert(BiMatting().eval().half(), backend="reference")
+    size = save_packed(fused, tmp_path / "f16.packed")
+    loaded = load_packed(tmp_path / "f16.packed", backend="reference")
+    assert loaded.project_mat.conv.weight.dtype == torch.float16
+    assert_same_state(loaded, fused)
+    src = torch.rand(1, 2, 3, 48, 64).half()
+    for x, y in zip(fused(src, downsample_ratio=0.5), loaded(src, downsample_ratio=0.5)):
+        assert torch.equal(x, y)
+    stored = torch.load(tmp_path / "f16.packed", weights_only=True)
+    assert size > 0 and stored["dtype"] == "float16"
+    floats = [k for k in stored if k.startswith("pool.") and stored[k].is_floating_point()]
+    assert floats == ["pool.float16"]  # no float value needs more (BN counters are int64)
+    fused.decoder.decode3.conv.scale = fused.decoder.decode3.conv.scale.float()
+    with pytest.raises(ValueError, match="model must have one float dtype"):
+        save_packed(fused, tmp_path / "mixed.packed")
+
+
 def test_plain_and_converted_model_give_the_same_file(model, saved, tmp_path):
     save_packed(convert(model, backend="reference"), tmp_path / "converted.packed")
     assert (tmp_path / "converted.packed").read_bytes() == saved.read_bytes()
