@@ -301,7 +301,22 @@ def _read(path: str) -> tuple[dict, list]:
         raise PackedCheckpointError(f"{path!r}: unreadable manifest: {exc}") from exc
     if not isinstance(rows, list) or not all(_valid_row(r) for r in rows):
         raise PackedCheckpointError(f"{path!r}: malformed manifest rows")
-    return obj, rows
+    return obj, _current_names(rows)
+
+
+# Entry names written by earlier versions of the fused model -> today's (same values): the
+# bottleneck GRU's units were FusedSequential(unit, activation) before FusedConvGRU.
+_RENAMED = (("decoder.decode4.gru.ih.ops.0.", "decoder.decode4.gru.ih."),
+            ("decoder.decode4.gru.hh.ops.0.", "decoder.decode4.gru.hh."))
+
+
+def _current_names(rows: list) -> list:
+    """Manifest rows with names from earlier versions of the fused model renamed (in place)."""
+    for row in rows:
+        for old, new in _RENAMED:
+            if row[0].startswith(old):
+                row[0] = new + row[0][len(old):]
+    return rows
 
 
 def _valid_row(row) -> bool:

@@ -141,6 +141,31 @@ def test_half_precision_model_round_trip(tmp_path):
         save_packed(fused, tmp_path / "mixed.packed")
 
 
+def test_files_of_the_earlier_entry_names_load(model, saved, tmp_path):
+    # Files written before the bottleneck GRU was fused (its units were then named
+    # decoder.decode4.gru.{ih,hh}.ops.0.*) load into today's model, the same values.
+    import json
+    import zlib
+
+    from bimatting_triton import packed
+
+    obj = torch.load(saved, weights_only=True)
+    rows = json.loads(zlib.decompress(obj["manifest"].numpy().tobytes()))
+    renamed = 0
+    for row in rows:
+        for unit in ("ih", "hh"):
+            prefix = f"decoder.decode4.gru.{unit}."
+            if row[0].startswith(prefix):
+                row[0] = f"{prefix}ops.0.{row[0][len(prefix):]}"
+                renamed += 1
+    assert renamed >= 8  # bits and folded vectors of both units
+    obj["manifest"] = torch.frombuffer(bytearray(zlib.compress(json.dumps(rows).encode())), dtype=torch.uint8)
+    obj["sha256"] = packed._digest(packed._payload(obj))
+    torch.save(obj, tmp_path / "old.packed")
+    assert_same_state(load_packed(tmp_path / "old.packed", backend="reference"),
+                      load_packed(saved, backend="reference"))
+
+
 def test_plain_and_converted_model_give_the_same_file(model, saved, tmp_path):
     save_packed(convert(model, backend="reference"), tmp_path / "converted.packed")
     assert (tmp_path / "converted.packed").read_bytes() == saved.read_bytes()
