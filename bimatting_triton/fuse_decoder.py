@@ -196,6 +196,14 @@ class FusedConvGRU(nn.Module):
         self.ih = _gated_unit(gru.ih, backend, "gru.ih")
         self.hh = _gated_unit(gru.hh, backend, "gru.hh")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Converted models saved before this class existed named the units ih.ops.0.* / hh.ops.0.*.
+        for unit in ("ih", "hh"):
+            old = f"{prefix}{unit}.ops.0."
+            for key in [k for k in state_dict if k.startswith(old)]:
+                state_dict[f"{prefix}{unit}.{key[len(old):]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def forward(self, x: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
         """x (B, T, c, H, W), h (B, c, H, W) or None (zeros) -> (outputs (B, T, c, H, W), last h)."""

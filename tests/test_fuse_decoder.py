@@ -148,6 +148,13 @@ def test_bottleneck_gru_matches_plain(decoder, with_state):
     ref, ref_h = FusedConvGRU(plain_gru, backend="reference")(x, h)
     assert_close(ref, want, "reference gru out")
     assert_close(ref_h, want_h, "reference gru h")
+    # a state_dict of the earlier layout (units as FusedSequential: ih.ops.0.*) still loads
+    old = {k.replace("ih.", "ih.ops.0.").replace("hh.", "hh.ops.0."): v for k, v in fused.state_dict().items()}
+    other = FusedConvGRU(plain_gru)
+    for b_ in other.buffers():
+        b_.zero_()
+    other.load_state_dict(old)
+    assert all(torch.equal(a, b_) for a, b_ in zip(other.state_dict().values(), fused.state_dict().values()))
 
 
 def test_convert_wires_the_sparse_blocks_and_reports_sparsity(model):
