@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one call (see the device tool):
 #   bash bench/gpu_session.sh [STEP ...]   # outputs under $OUT (or ./gpu-results)
-# STEPs (default: all, in this order): tests throughput graphs profile kernels sparse.
+# STEPs (default: all, in this order): host tests throughput graphs profile kernels sparse.
 # All of them take longer than one call's 10 minutes on a cold machine: split them over two
 # calls (e.g. `tests throughput` then `graphs profile kernels sparse`).
 # The GPU image has torch + triton but no PyAV, so the package is installed without its
@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests throughput graphs profile kernels sparse)
+[ ${#steps[@]} -eq 0 ] && steps=(host tests throughput graphs profile kernels sparse)
 
 # run STEP_LIMIT_S LOG CMD...: run with the smaller of its own limit and what is left.
 run() {
@@ -46,6 +46,9 @@ python -m pip install -q --no-deps --no-build-isolation -e . >> "$out/setup.log"
 
 for step in "${steps[@]}"; do
   case $step in
+    host)  # this machine's CPU: launches and host time per fused call (no GPU work; compare with RESULTS.md)
+      run 60 host.txt python bench/host_overhead.py
+      cat "$out/host.txt" ;;
     tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
       run 120 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
         --tb=short -rfE \
