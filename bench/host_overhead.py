@@ -103,36 +103,44 @@ def _streaming_call(model, src: torch.Tensor, ratio: float):
     return rec
 
 
-def host_overhead(size: str = "512x288@1", frames: int = 1, calls: int = 10, model=None) -> dict:
+def host_overhead(size: str = "512x288@1", frames: int = 1, calls: int = 10, model=None,
+                  dtype: torch.dtype = torch.float32) -> dict:
     """Launches and syncs of one streaming call of ``model`` (default: the converted
-    BiMatting, random weights, float32) on a (1, frames, 3, H, W) clip at ``size``; host
-    time per call at :func:`timing_size` of it."""
+    BiMatting, random weights, in ``dtype``) on a (1, frames, 3, H, W) clip at ``size`` in
+    the model's dtype; host time per call at :func:`timing_size` of it."""
     w, h, ratio = parse_frame_size(size)
     torch.manual_seed(0)
     if model is None:
-        model = convert(BiMatting().eval())
+        model = convert(BiMatting().eval().to(dtype))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), dtype)
     triton_counts: collections.Counter = collections.Counter()
-    with torch.inference_mode(), pretend_cuda(90, {}, stand_in=lambda k: LaunchCounter(k, triton_counts)):
-        src = torch.rand(1, frames, 3, h, w)
-        rec = _streaming_call(model, src, ratio)
-        triton_counts.clear()
-        with OpCounter() as ops:
-            model(src, *rec, downsample_ratio=ratio)
+    with pretend_cuda(90, {}, stand_in=lambda k: LaunchCounter(k, triton_counts)):
+        # Counted under no_grad: under inference_mode composite ops (.to, .contiguous) reach
+        # the dispatch mode undecomposed, and the copies they make would not be seen.
+        with torch.no_grad():
+            src = torch.rand(1, frames, 3, h, w).to(dtype)
+            rec = _streaming_call(model, src, ratio)
+            triton_counts.clear()
+            with OpCounter() as ops:
+                model(src, *rec, downsample_ratio=ratio)
         per_call = dict(triton_counts)
-        tw, th = timing_size(w, h, ratio)
-        src = torch.rand(1, frames, 3, th, tw)
-        rec = _streaming_call(model, src, ratio)
-        triton_counts.clear()
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            model(src, *rec, downsample_ratio=ratio)
-            times.append(time.perf_counter() - start)
+        # Timed under inference_mode, as convert_video runs (less dispatch work than no_grad).
+        with torch.inference_mode():
+            tw, th = timing_size(w, h, ratio)
+            src = torch.rand(1, frames, 3, th, tw).to(dtype)
+            rec = _streaming_call(model, src, ratio)
+            triton_counts.clear()
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                model(src, *rec, downsample_ratio=ratio)
+                times.append(time.perf_counter() - start)
         timing_launches = sum(triton_counts.values()) // calls
     triton_total = sum(per_call.values())
     torch_total = sum(ops.launching.values())
     return dict(
-        size=size, frames=frames, triton_launches=per_call, triton_total=triton_total,
+        size=size, frames=frames, dtype=str(dtype).removeprefix("torch."), triton_launches=per_call,
+        triton_total=triton_total,
         torch_launches=dict(ops.launching.most_common()), torch_total=torch_total,
         launches=triton_total + torch_total, syncs=dict(ops.syncs),
         timing_size=f"{tw}x{th}@{ratio:g}", timing_triton_launches=timing_launches,
@@ -147,7 +155,7 @@ def report(r: dict) -> str:
     torch_ops = ", ".join(f"{k} {v}" for k, v in r["torch_launches"].items())
     syncs = ", ".join(f"{k} {v}" for k, v in r["syncs"].items()) or "none (capturable as a CUDA graph)"
     return "\n".join([
-        f"fused BiMatting, {r['size']}, T={r['frames']}: one streaming call (kernels stubbed out)",
+        f"fused BiMatting, {r['size']}, T={r['frames']}, {r['dtype']}: one streaming call (kernels stubbed out)",
         f"launches per call: {r['launches']} = {r['triton_total']} Triton ({triton})",
         f"                   + {r['torch_total']} PyTorch ops ({torch_ops})",
         f"host synchronisations: {syncs}",
@@ -162,12 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
     parser.add_argument("--frames", type=int, default=1, help="frames per call T (default 1)")
     parser.add_argument("--calls", type=int, default=10, help="timed calls (default 10)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), default="float32",
+                        help="the model's dtype (default float32)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--check", action="store_true", help="exit with status 1 if the forward synchronises")
     args = parser.parse_args(argv)
     if args.frames < 1 or args.calls < 1:
         parser.error("--frames and --calls must be positive")
-    result = host_overhead(args.size, args.frames, args.calls)
+    result = host_overhead(args.size, args.frames, args.calls, dtype=getattr(torch, args.dtype))
     print(json.dumps(result, indent=1) if args.json else report(result))
     if args.check and result["syncs"]:
         sys.exit(1)
