@@ -56,7 +56,7 @@ for step in "${steps[@]}"; do
         tests/test_cuda_graph.py
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
     kernels)
-      run 90 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-3x3s1}" --benchmark-json "$out/kernels.json"
+      run 90 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-3x3s1 or unit}" --benchmark-json "$out/kernels.json"
       grep -A60 "^median µs per call" "$out/kernels.txt" | cut -c1-160 ;;
     throughput)  # all variants side by side in one run (the ratios need that); progress lines
       # ("  variant setting: ms/frame") reach the log as each measurement ends, even on a timeout

@@ -18,6 +18,15 @@ For each shape, one benchmark group compares:
 * ``sign-pack``        packing the float16 input to bits (the cost our conv pays once
                        per layer input, usually fused into the previous epilogue).
 
+And for each masked unit of the decoder (decode3..1: ``conv``, ``gru.ih``, ``gru.hh``; group
+``unit <block.name> <shape>``), ``unit3x3(x) * m + unit1x1(x)`` as the model computes it:
+
+* ``masked-unit-d30`` / ``masked-unit-d100``  ``sparse_unit`` (one launch: the 1x1 on every
+                       tile, the 3x3 on the active ones) with a mask whose pixels are 30 %
+                       / 100 % non-zero (a clustered mask, as ``bench/sparse.py`` draws it);
+* ``cudnn-fp16``       the float model's equivalent: two ``F.conv2d`` in float16 (3x3 and
+                       1x1, biases) and ``* m +``.
+
 The Triton kernels need CUDA: on a machine without it every benchmark is skipped with
 that reason (this file is not part of the test suite; see bench/RESULTS.md). With
 ``--benchmark-json FILE`` the run ends with a compact table per shape (medians in µs and
@@ -64,7 +73,16 @@ def layer_shapes(size: str = DEFAULT_SIZE) -> list[tuple[int, int, int, int, int
     return shapes
 
 
+def unit_shapes(size: str = DEFAULT_SIZE) -> list[tuple[str, int, int, int, int]]:
+    """(block.unit, Cin, Cout, H, W) of the decoder's masked units with a 1x1 twin (decode3..1)."""
+    from sparse import decoder_units  # bench/sparse.py
+
+    return [(f"{u.block}.{u.name}", u.cin, u.cout, u.size[0], u.size[1])
+            for u in decoder_units(size) if u.binary and u.block != "decode0"]
+
+
 SHAPES = layer_shapes() if torch.cuda.is_available() else []
+UNITS = unit_shapes() if torch.cuda.is_available() else []
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels and cuDNN fp16 need CUDA")
 
 
@@ -155,7 +173,62 @@ def test_sign_pack(benchmark, shape):
     _timed(benchmark, lambda: sign_pack(x))
 
 
-SUMMARY_COLUMNS = ("cudnn-fp16", "packed-dot", "packed-dot-tuned", "packed-popcount", "sign-pack")
+def _unit_ids(unit) -> str:
+    name, cin, cout, h, w = unit
+    return f"unit {name} {cin}to{cout}-{w}x{h}"
+
+
+def _unit_inputs(unit, density: float, device: str = "cuda"):
+    """Packed input, weights, epilogues, mask and tile list of a masked unit, and the float16
+    tensors of its cuDNN equivalent; the mask drawn as bench/sparse.py draws it."""
+    from sparse import coarse_size, mask_for_density, parse_size  # bench/sparse.py
+
+    from bimatting_triton.kernels.binary_conv import Epilogue, pack_weight
+    from bimatting_triton.kernels.pack import sign_pack
+    from bimatting_triton.kernels.sparse_unit import active_tiles
+
+    _, cin, cout, h, w = unit
+    fh, fw, ratio = parse_size(DEFAULT_SIZE)
+    net = (int(fh * ratio), int(fw * ratio)) if ratio != 1 else (fh, fw)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, cin, h, w, generator=gen).to(device).half().contiguous(memory_format=torch.channels_last)
+    w3, w1 = torch.randn(cout, cin, 3, 3, generator=gen).to(device), torch.randn(cout, cin, 1, 1, generator=gen).to(device)
+    scale, shift = torch.rand(cout, generator=gen).to(device) + 0.5, torch.randn(cout, generator=gen).to(device)
+    mask = mask_for_density(density, coarse_size(net), (h, w)).to(device).half()
+    epi = Epilogue(scale=scale, shift=shift, act="sigmoid", out_dtype=torch.float16)
+    packed = sign_pack(x)
+    binary = (packed, pack_weight(w3, 1, 1), epi, packed, pack_weight(w1, 1, 0), epi, mask,
+              active_tiles(mask, (8, 8)))
+    cl = torch.channels_last
+    floats = (x, w3.half().contiguous(memory_format=cl), w1.half().contiguous(memory_format=cl), shift.half(), mask)
+    return binary, floats
+
+
+@needs_cuda
+@pytest.mark.parametrize("density", [0.3, 1.0], ids=["d30", "d100"])
+@pytest.mark.parametrize("unit", UNITS, ids=[_unit_ids(u) for u in UNITS])
+def test_masked_unit(benchmark, unit, density):
+    from bimatting_triton.kernels.sparse_unit import sparse_unit
+
+    args, _ = _unit_inputs(unit, density)
+    benchmark.group = _unit_ids(unit)
+    benchmark.name = f"masked-unit-d{round(density * 100)}"
+    benchmark.extra_info["tile_density"] = float(args[-1].density())
+    _timed(benchmark, lambda: sparse_unit(*args))
+
+
+@needs_cuda
+@pytest.mark.parametrize("unit", UNITS, ids=[_unit_ids(u) for u in UNITS])
+def test_cudnn_fp16_unit(benchmark, unit):
+    torch.backends.cudnn.benchmark = True
+    _, (x, w3, w1, bias, mask) = _unit_inputs(unit, 0.3)
+    benchmark.group = _unit_ids(unit)
+    benchmark.name = "cudnn-fp16"
+    _timed(benchmark, lambda: F.conv2d(x, w3, bias, padding=1) * mask + F.conv2d(x, w1, bias))
+
+
+SUMMARY_COLUMNS = ("cudnn-fp16", "packed-dot", "packed-dot-tuned", "packed-popcount", "sign-pack",
+                   "masked-unit-d30", "masked-unit-d100")
 
 
 def summarize(report: dict) -> str:
@@ -165,12 +238,13 @@ def summarize(report: dict) -> str:
     for b in report.get("benchmarks", []):
         medians[b["group"]][b["name"]] = 1e6 * b["stats"]["median"]
     head = f"{'layer (k x k s, cin to cout, W x H)':<34}" + "".join(f"{c:>17}" for c in SUMMARY_COLUMNS)
-    lines = ["median µs per call; ratios are cuDNN fp16 / packed", head + f"{'cudnn/dot':>10}{'cudnn/tuned':>12}"]
+    lines = ["median µs per call; ratios are cuDNN fp16 / packed",
+             head + f"{'cudnn/dot':>10}{'cudnn/tuned':>12}{'cudnn/unit30':>13}"]
     for group, row in medians.items():
         cells = "".join(f"{row[c]:17.1f}" if c in row else f"{'-':>17}" for c in SUMMARY_COLUMNS)
         ratio = [f"{row['cudnn-fp16'] / row[c]:.2f}x" if "cudnn-fp16" in row and c in row else "-"
-                 for c in ("packed-dot", "packed-dot-tuned")]
-        lines.append(f"{group:<34}{cells}{ratio[0]:>10}{ratio[1]:>12}")
+                 for c in ("packed-dot", "packed-dot-tuned", "masked-unit-d30")]
+        lines.append(f"{group.replace(' ', '_'):<34}{cells}{ratio[0]:>10}{ratio[1]:>12}{ratio[2]:>13}")
     return "\n".join(lines)
 
 

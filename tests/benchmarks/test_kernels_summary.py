@@ -26,11 +26,36 @@ def test_summary_has_one_line_per_shape_with_ratios():
         _bench("3x3s1-64to64-480x270", "packed-dot-tuned", 10e-6),
         _bench("1x1s1-32to16-240x135", "cudnn-fp16", 9e-6),
         _bench("1x1s1-32to16-240x135", "packed-popcount", 12e-6),
+        _bench("unit decode1.gru.hh 32to16-240x135", "cudnn-fp16", 30e-6),
+        _bench("unit decode1.gru.hh 32to16-240x135", "masked-unit-d30", 6e-6),
+        _bench("unit decode1.gru.hh 32to16-240x135", "masked-unit-d100", 15e-6),
     ]}
     lines = kernels.summarize(report).splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     first = lines[2].split()
     assert first[0] == "3x3s1-64to64-480x270"
-    assert first[1:4] == ["40.0", "20.0", "10.0"] and first[-2:] == ["2.00x", "4.00x"]
+    assert first[1:4] == ["40.0", "20.0", "10.0"] and first[-3:] == ["2.00x", "4.00x", "-"]
     second = lines[3].split()
-    assert second[1] == "9.0" and second[2] == "-" and second[4] == "12.0" and second[-2:] == ["-", "-"]
+    assert second[1] == "9.0" and second[2] == "-" and second[4] == "12.0" and second[-3:] == ["-", "-", "-"]
+    unit = lines[4].split()  # a masked unit: its two densities and cuDNN's two convs
+    assert unit[0] == "unit_decode1.gru.hh_32to16-240x135"
+    assert unit[1] == "30.0" and unit[6:8] == ["6.0", "15.0"] and unit[-3:] == ["-", "-", "5.00x"]
+
+
+def test_masked_unit_inputs_run(monkeypatch):
+    # The masked-unit benchmark's inputs on the CPU (kernels under the interpreter): the one
+    # launch and the cuDNN-style float expression it is timed against agree where m == 0.
+    import torch
+
+    from bimatting_triton.kernels.binary_conv import binary_conv2d
+    from bimatting_triton.kernels.sparse_unit import sparse_unit
+
+    kernels = _load()
+    args, (x, w3, w1, bias, mask) = kernels._unit_inputs(("test.unit", 20, 16, 48, 80), 0.3, device="cpu")
+    got = sparse_unit(*args)
+    assert got.shape == (1, 16, 48, 80) and got.dtype == torch.float16
+    assert 0 < float(args[-1].density()) < 1  # a partial mask
+    y1 = binary_conv2d(args[3], args[4], args[5]).y
+    zero = (mask == 0).expand_as(got)
+    assert torch.equal(got[zero], y1[zero])
+    assert x.dtype == w3.dtype == w1.dtype == bias.dtype == torch.float16 and w3.shape[-1] == 3
