@@ -410,9 +410,9 @@ def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Pre
         raise TypeError(f"epilogue.out_dtype must be a float dtype, got {out_dtype}")
     mask = addend = None
     if epi.mask is not None:
-        mask = _float_map(epi.mask, "mask", (n, 1, ho, wo), device)
+        mask = float_map(epi.mask, "epilogue.mask", (n, 1, ho, wo), device)
         if epi.addend is not None:
-            addend = _float_map(epi.addend, "addend", (n, cout, ho, wo), device)
+            addend = float_map(epi.addend, "epilogue.addend", (n, cout, ho, wo), device)
     elif epi.addend is not None:
         raise ValueError("epilogue.addend is only used with a mask (y * mask + addend)")
     nb = None
@@ -437,15 +437,15 @@ def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Pre
     )
 
 
-def _float_map(t, name: str, shape: tuple[int, int, int, int], device) -> Tensor:
-    """Check a float (N, C, Ho, Wo) tensor of the epilogue (any strides)."""
+def float_map(t, name: str, shape: tuple[int, int, int, int], device) -> Tensor:
+    """Check a float (N, C, Ho, Wo) tensor argument ``name`` (any strides); returns it."""
     if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
         raise ValueError(
-            f"epilogue.{name} must be a float tensor of shape {shape}, got "
+            f"{name} must be a float tensor of shape {shape}, got "
             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
         )
     if t.device != device:
-        raise ValueError(f"epilogue.{name} is on {t.device}, expected {device}")
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
     return t
 
 
@@ -858,6 +858,12 @@ def mask_args(mask: Tensor | None, addend: Tensor | None, dummy: Tensor) -> tupl
     return margs, (a, *a.stride()), 2
 
 
+def epilogue_vectors(p: "_Prepared") -> tuple:
+    """The kernel arguments scale, shift, bias_a, slope, bias_b of the float epilogue (absent
+    ones as ``scale``, never read; shared with the sparse kernels)."""
+    return tuple(v if v is not None else p.scale for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b))
+
+
 def epilogue_flags(p: "_Prepared") -> dict:
     """The constexpr flags of the float epilogue (shared with the sparse kernel)."""
     return dict(
@@ -928,9 +934,7 @@ def binary_conv2d(
         else:
             y = torch.empty((1, 1, 1, 1), dtype=p.out_dtype, device=dev)  # carries the dtype only
         dummy = p.scale
-        vectors = tuple(
-            v if v is not None else dummy for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b, p.next_bias)
-        )
+        vectors = (*epilogue_vectors(p), p.next_bias if p.next_bias is not None else dummy)
         res1 = _residual_args(p.residual, dummy)
         res2 = _residual_args(p.post_residual, dummy)
         margs, aargs, mode = mask_args(p.mask, p.addend, dummy)

@@ -82,6 +82,8 @@ from .binary_conv import (
     conv_accumulate,
     epilogue_flags,
     epilogue_values,
+    epilogue_vectors,
+    float_map,
     mask_args,
 )
 from .pack import PackedActivation
@@ -439,7 +441,7 @@ def _sparse_launcher(method: int, block, cout: int, cin_pad: int):
     if block is not None:
         return _sparse_conv_kernel, dict(BN=block[0], BK=block[1])
     if interpreting():
-        return _sparse_conv_kernel, dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
+        return _sparse_conv_kernel, _interpreter_tile(cout, cin_pad)
     if not autotuning():  # one heuristic tile per layer shape (see kernels/_common.autotuning)
         return _sparse_conv_kernel, sparse_heuristic_config(method, cout, cin_pad)
     if method not in _SPARSE_TUNED:
@@ -517,7 +519,7 @@ def sparse_binary_conv2d(
         return y
     code = 1 if method == "popcount" else 0
     dummy = p.scale
-    vectors = tuple(v if v is not None else dummy for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b))
+    vectors = epilogue_vectors(p)
     margs, aargs, mode = mask_args(p.mask, p.addend, dummy)
     kernel, config = _sparse_launcher(code, block, cout, x.words * 32)
     kh, kw = weight.kernel_size
@@ -645,7 +647,7 @@ def sparse_unit(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n, _, h, w, ho, wo = _check_conv_args(x1, w1)
-    n3, _, h3, w3_, ho3, wo3 = _check_conv_args(x3, w3)
+    n3, _, h3, w3_, _, _ = _check_conv_args(x3, w3)
     if w1.kernel_size != (1, 1) or w1.stride != 1 or w3.kernel_size != (3, 3) or w3.stride != 1 or w3.padding != 1:
         raise ValueError(f"sparse_unit: w3 must be a 3x3 conv with padding 1 and w1 a 1x1, both stride 1; got "
                          f"{w3.kernel_size} pad {w3.padding} stride {w3.stride} and {w1.kernel_size} stride {w1.stride}")
@@ -660,7 +662,7 @@ def sparse_unit(
     p3 = _prepare(dataclasses.replace(epi3, out_dtype=p1.out_dtype), n, cout, ho, wo, x1.device)
     if interpreting() and p1.out_dtype == torch.bfloat16:
         return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru)
-    mask = _float_mask(mask, n, ho, wo, x1.device)
+    mask = float_map(mask, "mask", (n, 1, ho, wo), x1.device)
     _check_tiles(tiles, n, ho, wo, x1.device)
     h_state, z_gate, y = _check_gru(gru, n, cout, ho, wo, p1.out_dtype, x1.device)
     if y is None:
@@ -670,9 +672,6 @@ def sparse_unit(
     if interpreting() and mask.dtype == torch.bfloat16:
         mask = mask.float()
     code = 1 if method == "popcount" else 0
-
-    def vectors(pp):
-        return tuple(v if v is not None else pp.scale for v in (pp.scale, pp.shift, pp.bias_a, pp.slope, pp.bias_b))
 
     def flags(pp, suffix):
         f = epilogue_flags(pp)
@@ -685,7 +684,7 @@ def sparse_unit(
     compiled = _masked_pair_kernel[grid](
         tiles.flags, tiles.flags.stride(0), tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
         x3.bits, w3.int8 if code == 0 else w3.bits, x1.bits, w1.int8 if code == 0 else w1.bits,
-        h, w, x1.words, cout, *vectors(p3), *vectors(p1),
+        h, w, x1.words, cout, *epilogue_vectors(p3), *epilogue_vectors(p1),
         mask, mask.stride(0), mask.stride(2), mask.stride(3), y, *y.stride(),
         *((h_state, *h_state.stride()) if gru else (y, 0, 0, 0, 0)),
         *((z_gate, *z_gate.stride()) if gru else (y, 0, 0, 0, 0)),
@@ -700,17 +699,13 @@ def _pair_config(method: int, cout: int, cin_pad: int) -> dict:
     """The masked pair kernel's tile: one of the sparse conv's (a tile's 64 pixels x BN
     channels), fixed under the interpreter."""
     if interpreting():
-        return dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
+        return _interpreter_tile(cout, cin_pad)
     return sparse_heuristic_config(method, cout, cin_pad)
 
 
-def _float_mask(mask, n: int, h: int, w: int, device) -> Tensor:
-    if not isinstance(mask, Tensor) or not mask.is_floating_point() or tuple(mask.shape) != (n, 1, h, w):
-        raise ValueError(f"mask must be a float tensor of shape {(n, 1, h, w)}, got "
-                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device}, expected {device}")
-    return mask
+def _interpreter_tile(cout: int, cin_pad: int) -> dict:
+    """BN, BK of the sparse kernels under the interpreter: big (its cost is per op and program)."""
+    return dict(BN=min(128, max(16, _pow2(cout))), BK=min(256, max(32, _pow2(cin_pad))))
 
 
 def _check_gru(gru, n: int, cout: int, h: int, w: int, dtype: torch.dtype, device):
