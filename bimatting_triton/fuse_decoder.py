@@ -57,8 +57,8 @@ from .kernels.sparse_unit import (
     active_tiles,
     active_tiles_reference,
     default_tile,
-    skipped_bops,
     gru_update,
+    skipped_bops,
     sparse_binary_conv2d,
     sparse_float_conv2d,
     sparse_unit,
@@ -95,8 +95,6 @@ def _gated_unit(seq: nn.Sequential, backend: str, name: str) -> BinaryConvUnit:
         raise ValueError(f"{name}: expected LB -> sign -> BiConv2d -> [LB] -> Sigmoid/Tanh, got {seq}")
     unit.act = acts[type(rest[0])]  # applied in the kernel epilogue after bias_a (the LB)
     return unit
-
-
 
 
 def _pack_pair(unit_a: BinaryConvUnit, unit_b: BinaryConvUnit, sources: list[Tensor]):
@@ -183,6 +181,15 @@ class FusedMaskedConvGRU(_SparseBlock):
         return outputs, h
 
 
+def current_conv_gru_key(key: str, prefix: str) -> str:
+    """``key`` of a converted model's state, renamed if it is one of the :class:`FusedConvGRU`
+    at ``prefix`` in the layout written before that class existed (its units then sat in
+    ``FusedSequential(unit, activation)``: ``ih.ops.0.*`` / ``hh.ops.0.*``); else unchanged."""
+    for unit in ("ih", "hh"):
+        old = f"{prefix}{unit}.ops.0."
+        if key.startswith(old):
+            return f"{prefix}{unit}.{key[len(old):]}"
+    return key
 
 
 class FusedConvGRU(nn.Module):
@@ -197,11 +204,10 @@ class FusedConvGRU(nn.Module):
         self.hh = _gated_unit(gru.hh, backend, "gru.hh")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Converted models saved before this class existed named the units ih.ops.0.* / hh.ops.0.*.
-        for unit in ("ih", "hh"):
-            old = f"{prefix}{unit}.ops.0."
-            for key in [k for k in state_dict if k.startswith(old)]:
-                state_dict[f"{prefix}{unit}.{key[len(old):]}"] = state_dict.pop(key)
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            new = current_conv_gru_key(key, prefix)
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -290,10 +296,10 @@ class FusedOutputBlock(_SparseBlock):
         unit = self.binary
         packed, packed_1x1 = _pack_pair(unit, self.conv_1x1.ops[0], sources)
         out = self.conv_1x1(None, packed=packed_1x1)  # the dense 1x1 branch: a fresh tensor, updated in place below
+        scale, shift = in_compute_dtype(self, "float_scale", "float_shift")  # the float conv's folded BN
         if self.backend == "reference":
             z = binary_conv2d_reference(packed, unit.packed_weight(), unit.epilogue()).y
             cout = z.shape[1]
-            scale, shift = in_compute_dtype(self, "float_scale", "float_shift")
             z = F.conv2d(z.to(scale.dtype), self.float_weight.to(scale.dtype), padding=self.float_weight.shape[2] // 2)
             z = torch.relu(z * scale.reshape(1, cout, 1, 1) + shift.reshape(1, cout, 1, 1))
             return (z.to(out.dtype) * m.to(out.dtype) + out).unflatten(0, (b, t))
@@ -304,7 +310,6 @@ class FusedOutputBlock(_SparseBlock):
         epi.out = z
         sparse_binary_conv2d(packed, unit.packed_weight(), epi, grown)
         # ... then the float 3x3 + BN + ReLU, `* m + conv_1x1(y)`, on the mask's own tiles.
-        scale, shift = in_compute_dtype(self, "float_scale", "float_shift")
         sparse_float_conv2d(z, self.float_weight, scale, shift, "relu", out, tiles,
                             mask=m, addend=out)
         return out.unflatten(0, (b, t))

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
 from .fuse import BACKENDS, BinaryConvUnit, convert
+from .fuse_decoder import current_conv_gru_key
 from .kernels.binary_conv import PackedWeight
 from .kernels.pack import WORD_BITS, pack_values, unpack_values, words_for
 from .model import BiMatting
@@ -304,18 +305,11 @@ def _read(path: str) -> tuple[dict, list]:
     return obj, _current_names(rows)
 
 
-# Entry names written by earlier versions of the fused model -> today's (same values): the
-# bottleneck GRU's units were FusedSequential(unit, activation) before FusedConvGRU.
-_RENAMED = (("decoder.decode4.gru.ih.ops.0.", "decoder.decode4.gru.ih."),
-            ("decoder.decode4.gru.hh.ops.0.", "decoder.decode4.gru.hh."))
-
-
 def _current_names(rows: list) -> list:
-    """Manifest rows with names from earlier versions of the fused model renamed (in place)."""
+    """Manifest rows with the entry names of earlier versions of the fused model renamed (in
+    place; same values): the bottleneck GRU's units before ``FusedConvGRU``."""
     for row in rows:
-        for old, new in _RENAMED:
-            if row[0].startswith(old):
-                row[0] = new + row[0][len(old):]
+        row[0] = current_conv_gru_key(row[0], "decoder.decode4.gru.")
     return rows
 
 
