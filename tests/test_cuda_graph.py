@@ -14,36 +14,14 @@ import torch
 
 from bimatting_triton import BiMatting, CudaGraphStep, convert, cuda_graph
 
+from graph_utils import use_fake_graphs
+
 CUDA = bool(os.environ.get("BIMATTING_TEST_CUDA")) and torch.cuda.is_available()
-
-
-class FakeGraph:
-    """Records ``forward`` at capture; ``replay`` recomputes it into the captured outputs."""
-
-    def __init__(self, forward):
-        self.forward = forward
-        self.outputs = list(forward())
-        self.replays = 0
-
-    def replay(self):
-        self.replays += 1
-        for static, fresh in zip(self.outputs, self.forward()):
-            with torch.inference_mode(static.is_inference()):  # a real replay writes raw memory
-                static.copy_(fresh)
 
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    made = []
-
-    def fake_capture(forward, example, pool=None):
-        forward()  # the warm-up call, as the real capture makes
-        graph = FakeGraph(forward)
-        made.append(graph)
-        return graph, graph.outputs
-
-    monkeypatch.setattr(cuda_graph, "capture", fake_capture)
-    return made
+    return use_fake_graphs(monkeypatch)
 
 
 @pytest.fixture(scope="module")

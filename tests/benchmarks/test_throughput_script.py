@@ -81,29 +81,16 @@ def test_cuda_graph_capture_failure_is_reported_and_timed_eagerly(throughput, mo
 
 def test_cuda_graph_variant_times_replays(throughput, monkeypatch):
     # With a stand-in graph (replay = rerun the recorded step) the timed calls are replays.
-    from bimatting_triton import cuda_graph
     from bimatting_triton.baselines import RVMMobileNetV3
 
-    replays = []
+    from graph_utils import use_fake_graphs
 
-    class Graph:
-        def __init__(self, forward):
-            self.forward, self.outputs = forward, list(forward())
-
-        def replay(self):
-            replays.append(1)
-            for static, fresh in zip(self.outputs, self.forward()):
-                static.copy_(fresh)
-
-    def capture(forward, example, pool=None):
-        graph = Graph(forward)
-        return graph, graph.outputs
-
-    monkeypatch.setattr(cuda_graph, "capture", capture)
+    graphs = use_fake_graphs(monkeypatch)
     setting = throughput.Setting(48, 32, 1.0, 1, 1)
     m = throughput.run_variant(RVMMobileNetV3().eval(), "float32", setting, throughput.torch.device("cpu"), 1, 3,
                                cuda_graph=True)
-    assert m.notes == ["CUDA graph"] and len(replays) == 1 + 3  # the capturing call, then the timed ones
+    assert m.notes == ["CUDA graph"] and len(graphs) == 1
+    assert graphs[0].replays == 1 + 3  # the capturing call, then the timed ones
 
 
 def test_density_note_of_a_converted_model(throughput):
