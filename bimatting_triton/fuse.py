@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from .kernels.binary_conv import (
     ConvOutput,
     Epilogue,
+    EpiloguePlan,
     PackedWeight,
     Residual,
     binary_conv2d,
@@ -194,10 +195,37 @@ class BinaryConvUnit(nn.Module):
         store_float: bool = True,
     ) -> ConvOutput:
         """The convolution and its epilogue on packed input; optionally packs ``sign(y + next_bias)``."""
-        epi = self.epilogue(residual=residual, post_residual=post_residual, store_float=store_float,
-                            pack=pack_next, next_bias=next_bias if pack_next else None)
+        plan = self.epilogue_plan(store_float=store_float, pack_next=pack_next,
+                                  next_bias=next_bias if pack_next else None)
         fn = binary_conv2d_reference if self.backend == "reference" else binary_conv2d
-        return fn(x, self.packed_weight(), epi)
+        return fn(x, self.packed_weight(), plan.bind(residual=residual, post_residual=post_residual))
+
+    def epilogue_plan(self, store_float: bool = True, pack_next: bool = False,
+                      next_bias: Tensor | None = None) -> EpiloguePlan:
+        """:meth:`epilogue` with these options as an :class:`EpiloguePlan` (its per-channel
+        part checked once): built on first use and reused while the buffers and
+        ``next_bias`` are the same tensors; where the plan holds copies of them (float32
+        copies of a half model's, an expanded single PReLU slope), also while they are
+        unchanged (version counters), so ``load_state_dict`` after a forward is seen."""
+        buffers = self._buffers
+        sources = (buffers["scale"], buffers["shift"], buffers["bias_a"], buffers["slope"], buffers["bias_b"],
+                   next_bias)
+        plans = self.__dict__.setdefault("_epilogue_plans", {})
+        key = (store_float, pack_next)
+        hit = plans.get(key)
+        same = hit is not None and all(a is b for a, b in zip(hit[0], sources))
+        if same and hit[2]:
+            return hit[3]  # the plan reads the buffers themselves: in-place writes are seen
+        versions = tuple(None if t is None or t.is_inference() else t._version for t in sources)
+        if same and hit[1] == versions:
+            return hit[3]
+        plan = EpiloguePlan(self.epilogue(store_float=store_float, pack=pack_next, next_bias=next_bias),
+                            self.out_channels, self.bits.device)
+        c = plan.checked
+        direct = all(a is b for a, b in zip((c.scale, c.shift, c.bias_a, c.slope, c.bias_b, c.next_bias), sources))
+        if direct or None not in [v for t, v in zip(sources, versions) if t is not None]:
+            plans[key] = (sources, versions, direct, plan)
+        return plan
 
     def epilogue(self, **options) -> Epilogue:
         """This unit's :class:`Epilogue` (folded BN, LearnableBias, activation) with ``options``

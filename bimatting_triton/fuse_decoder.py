@@ -114,11 +114,12 @@ def _masked_pair(unit3: BinaryConvUnit, unit1: BinaryConvUnit, sources: list[Ten
     mask (N, 1, H, W) -> (N, Cout, H, W). ``gru = (h, z, out)``: the GRU's new state
     ``lerp(h, unit, z)`` instead, written into ``out`` (in the unit's kernel launch)."""
     x3, x1 = _pack_pair(unit3, unit1, sources)
-    args = (x3, unit3.packed_weight(), unit3.epilogue(), x1, unit1.packed_weight(), unit1.epilogue(), mask)
     if unit3.backend == "reference":
-        unit = sparse_unit_reference(*args)
+        unit = sparse_unit_reference(x3, unit3.packed_weight(), unit3.epilogue(), x1, unit1.packed_weight(),
+                                     unit1.epilogue(), mask)
         return unit if gru is None else gru_update(unit, gru)
-    return sparse_unit(*args, tiles, gru=gru)
+    return sparse_unit(x3, unit3.packed_weight(), unit3.epilogue_plan().bind(), x1, unit1.packed_weight(),
+                       unit1.epilogue_plan().bind(), mask, tiles, gru=gru)
 
 
 def _crop_upsample(x: Tensor, size: tuple[int, int]) -> Tensor:

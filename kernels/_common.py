@@ -20,7 +20,7 @@ try:  # The dispatching libdevice stubs (triton >= 3.0); only used on CUDA.
 except ImportError:  # pragma: no cover - depends on the installed triton
     libdevice = None
 
-__all__ = ["interpreting", "autotuning", "pow2", "triton_can_run", "hardware_popcount", "popcount32",
+__all__ = ["interpreting", "autotuning", "cdiv", "pow2", "triton_can_run", "hardware_popcount", "popcount32",
            "KERNEL_STATS", "note_compiled"]
 
 # (kernel name, tile) -> {"n_regs": int, "n_spills": int}, filled only with BIMATTING_KERNEL_STATS=1
@@ -30,7 +30,10 @@ KERNEL_STATS: dict[tuple[str, str], dict[str, int]] = {}
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+    # Read at each use (the benchmarks and tests set these after import), so kept cheap:
+    # the launch sites ask a few times per launch.
+    value = os.environ.get(name)
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
 
 
 # Read once, when the kernels are imported: that is when Triton decides whether the
@@ -65,6 +68,12 @@ def note_compiled(name: str, tile: dict, compiled) -> None:
         return
     label = ", ".join(f"{k}={v}" for k, v in sorted(tile.items()))
     KERNEL_STATS[(name, label)] = {"n_regs": int(regs), "n_spills": int(spills or 0)}
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints, on the host (``triton.cdiv`` is a constexpr function
+    object in recent Triton releases, ~1.5 µs a call: too slow for launch grids)."""
+    return -(-a // b)
 
 
 def pow2(n: int) -> int:

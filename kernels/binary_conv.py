@@ -74,6 +74,8 @@ Batch and time are folded into N by the caller. Public: :func:`pack_weight`,
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -83,7 +85,16 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from ._common import autotuning, hardware_popcount, interpreting, note_compiled, popcount32, pow2, triton_can_run
+from ._common import (
+    autotuning,
+    cdiv,
+    hardware_popcount,
+    interpreting,
+    note_compiled,
+    popcount32,
+    pow2,
+    triton_can_run,
+)
 from .pack import WORD_BITS, PackedActivation, pack_values, sign_pack_reference, unpack_values, words_for
 
 __all__ = [
@@ -93,6 +104,8 @@ __all__ = [
     "fold_scale_shift",
     "Residual",
     "Epilogue",
+    "EpiloguePlan",
+    "BoundEpilogue",
     "ConvOutput",
     "binary_conv2d",
     "binary_conv2d_reference",
@@ -311,7 +324,10 @@ class ConvOutput(NamedTuple):
 
 @dataclass
 class _Prepared:
-    """An :class:`Epilogue` checked against the output shape, vectors as (Cout,) compute dtype."""
+    """An :class:`Epilogue` checked against the output shape, vectors as (Cout,) compute dtype.
+
+    ``static_flags`` / ``vector_args``: the per-channel kernel arguments when they were
+    built once (an :class:`EpiloguePlan`'s), else None (built at launch)."""
 
     scale: Tensor
     shift: Tensor | None
@@ -328,6 +344,8 @@ class _Prepared:
     next_bias: Tensor | None
     mask: Tensor | None = None
     addend: Tensor | None = None
+    static_flags: dict | None = None
+    vector_args: tuple | None = None
 
 
 def _vector(v, cout: int, name: str, dtype: torch.dtype, device, allow_scalar: bool = False) -> Tensor | None:
@@ -378,7 +396,9 @@ def _residual(r, name: str, n: int, cout: int, ho: int, wo: int, device) -> Resi
     return r
 
 
-def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Prepared:
+def _check_per_channel(epi: Epilogue, cout: int, device) -> _Prepared:
+    """The per-channel part of ``epi`` (vectors, activation, what is stored) checked; its
+    per-pixel fields (residuals, out, mask, addend) left None in the result."""
     if not isinstance(epi, Epilogue):
         raise TypeError(f"epilogue must be an Epilogue or None, got {type(epi).__name__}")
     if not isinstance(epi.scale, Tensor) or not epi.scale.is_floating_point():
@@ -394,47 +414,119 @@ def _prepare(epi: Epilogue, n: int, cout: int, ho: int, wo: int, device) -> _Pre
         raise ValueError("epilogue must store the float output, pack it, or both")
     if epi.next_bias is not None and not epi.pack:
         raise ValueError("epilogue.next_bias is only used with pack=True")
-    out = epi.out
-    out_dtype = epi.out_dtype or (out.dtype if out is not None else cd)
-    if out is not None:
-        if not epi.store_float:
-            raise ValueError("epilogue.out is given but store_float is False")
-        if not isinstance(out, Tensor) or tuple(out.shape) != (n, cout, ho, wo) or not out.is_floating_point():
-            raise ValueError(f"epilogue.out must be a float tensor of shape {(n, cout, ho, wo)}, got "
-                             f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
-        if out.device != device:
-            raise ValueError(f"epilogue.out is on {out.device}, expected {device}")
-        if out.dtype != out_dtype:
-            raise ValueError(f"epilogue.out has dtype {out.dtype} but out_dtype is {out_dtype}")
+    out_dtype = epi.out_dtype or (epi.out.dtype if isinstance(epi.out, Tensor) else cd)
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"epilogue.out_dtype must be a float dtype, got {out_dtype}")
-    mask = addend = None
-    if epi.mask is not None:
-        mask = float_map(epi.mask, "epilogue.mask", (n, 1, ho, wo), device)
-        if epi.addend is not None:
-            addend = float_map(epi.addend, "epilogue.addend", (n, cout, ho, wo), device)
-    elif epi.addend is not None:
-        raise ValueError("epilogue.addend is only used with a mask (y * mask + addend)")
     nb = None
     if epi.next_bias is not None:
         nb = _vector(epi.next_bias, cout, "next_bias", torch.promote_types(out_dtype, epi.next_bias.dtype), device)
     return _Prepared(
         scale=_vector(epi.scale, cout, "scale", cd, device),
         shift=_vector(epi.shift, cout, "shift", cd, device),
-        residual=_residual(epi.residual, "residual", n, cout, ho, wo, device),
+        residual=None,
         bias_a=_vector(epi.bias_a, cout, "bias_a", cd, device),
         act=epi.act,
         slope=_vector(epi.prelu_weight, cout, "prelu_weight", cd, device, allow_scalar=True),
         bias_b=_vector(epi.bias_b, cout, "bias_b", cd, device),
-        post_residual=_residual(epi.post_residual, "post_residual", n, cout, ho, wo, device),
+        post_residual=None,
         store_float=epi.store_float,
-        out=out,
+        out=None,
         out_dtype=out_dtype,
         pack=epi.pack,
         next_bias=nb,
-        mask=mask,
-        addend=addend,
     )
+
+
+def _with_per_pixel(c: _Prepared, n: int, cout: int, ho: int, wo: int, device,
+                    residual, post_residual, out, mask, addend) -> _Prepared:
+    """``c`` (a checked per-channel part) completed with its per-pixel tensors, checked
+    against the output (n, cout, ho, wo)."""
+    if out is not None:
+        if not c.store_float:
+            raise ValueError("epilogue.out is given but store_float is False")
+        if not isinstance(out, Tensor) or tuple(out.shape) != (n, cout, ho, wo) or not out.is_floating_point():
+            raise ValueError(f"epilogue.out must be a float tensor of shape {(n, cout, ho, wo)}, got "
+                             f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+        if out.device != device:
+            raise ValueError(f"epilogue.out is on {out.device}, expected {device}")
+        if out.dtype != c.out_dtype:
+            raise ValueError(f"epilogue.out has dtype {out.dtype} but out_dtype is {c.out_dtype}")
+    if mask is not None:
+        mask = float_map(mask, "epilogue.mask", (n, 1, ho, wo), device)
+        if addend is not None:
+            addend = float_map(addend, "epilogue.addend", (n, cout, ho, wo), device)
+    elif addend is not None:
+        raise ValueError("epilogue.addend is only used with a mask (y * mask + addend)")
+    return _Prepared(
+        c.scale, c.shift, _residual(residual, "residual", n, cout, ho, wo, device), c.bias_a, c.act, c.slope,
+        c.bias_b, _residual(post_residual, "post_residual", n, cout, ho, wo, device), c.store_float, out,
+        c.out_dtype, c.pack, c.next_bias, mask, addend, c.static_flags, c.vector_args,
+    )
+
+
+class EpiloguePlan:
+    """An :class:`Epilogue`'s per-channel part checked once, for a layer launched many times.
+
+    ``EpiloguePlan(epilogue, cout, device)`` checks ``epilogue`` (which must leave its
+    per-pixel fields ``residual``, ``post_residual``, ``out``, ``mask``, ``addend`` unset)
+    for ``cout`` output channels on ``device`` and builds the kernel's per-channel
+    arguments. Each launch then passes ``plan.bind(residual=..., ...)`` as the epilogue of
+    :func:`binary_conv2d` (or :func:`binary_conv2d_reference`): only the tensors given to
+    ``bind`` and the input are checked. The result is the same as with the equivalent
+    :class:`Epilogue`. The plan keeps the vectors it was built with (or the copies it made
+    in the compute dtype): build a new one when they are replaced or written in place
+    (a converted model's units do, see ``BinaryConvUnit``).
+    """
+
+    __slots__ = ("epilogue", "cout", "device", "checked")
+
+    def __init__(self, epilogue: Epilogue, cout: int, device):
+        if not isinstance(epilogue, Epilogue):
+            raise TypeError(f"epilogue must be an Epilogue, got {type(epilogue).__name__}")
+        per_pixel = [f for f in ("residual", "post_residual", "out", "mask", "addend")
+                     if getattr(epilogue, f) is not None]
+        if per_pixel:
+            raise ValueError(f"EpiloguePlan: leave {', '.join(per_pixel)} unset (given per launch by bind())")
+        self.epilogue = epilogue
+        self.cout, self.device = int(cout), torch.device(device)
+        c = _check_per_channel(epilogue, self.cout, self.device)
+        c.static_flags = dict(HAS_SHIFT=c.shift is not None, HAS_BA=c.bias_a is not None, ACT=_ACT_CODE[c.act],
+                              HAS_BB=c.bias_b is not None)
+        c.vector_args = (*epilogue_vectors(c), c.next_bias if c.next_bias is not None else c.scale)
+        self.checked = c
+
+    def bind(self, residual: Residual | Tensor | None = None, post_residual: Residual | Tensor | None = None,
+             out: Tensor | None = None, mask: Tensor | None = None, addend: Tensor | None = None) -> "BoundEpilogue":
+        """The epilogue of one launch: this plan with its per-pixel tensors (as in :class:`Epilogue`)."""
+        return BoundEpilogue(self, residual, post_residual, out, mask, addend)
+
+
+class BoundEpilogue(NamedTuple):
+    """An :class:`EpiloguePlan` with the per-pixel tensors of one launch (``plan.bind(...)``)."""
+
+    plan: EpiloguePlan
+    residual: Residual | Tensor | None
+    post_residual: Residual | Tensor | None
+    out: Tensor | None
+    mask: Tensor | None
+    addend: Tensor | None
+
+    def as_epilogue(self) -> Epilogue:
+        """The equivalent :class:`Epilogue` (for code that takes only those)."""
+        return dataclasses.replace(self.plan.epilogue, residual=self.residual, post_residual=self.post_residual,
+                                   out=self.out, mask=self.mask, addend=self.addend)
+
+
+def _prepare(epi: Epilogue | BoundEpilogue, n: int, cout: int, ho: int, wo: int, device) -> _Prepared:
+    if isinstance(epi, BoundEpilogue):
+        plan = epi.plan
+        if plan.cout != cout or plan.device != device:
+            raise ValueError(f"epilogue: its plan was built for {plan.cout} output channels on {plan.device}, "
+                             f"this launch has {cout} on {device}")
+        c = plan.checked
+    else:
+        c = _check_per_channel(epi, cout, device)
+    return _with_per_pixel(c, n, cout, ho, wo, device, epi.residual, epi.post_residual, epi.out, epi.mask, epi.addend)
 
 
 def float_map(t, name: str, shape: tuple[int, int, int, int], device) -> Tensor:
@@ -515,7 +607,7 @@ def _epilogue_reference(acc: Tensor, p: _Prepared) -> ConvOutput:
 
 
 def binary_conv2d_reference(
-    x: PackedActivation, weight: PackedWeight, epilogue: Epilogue | None = None
+    x: PackedActivation, weight: PackedWeight, epilogue: Epilogue | BoundEpilogue | None = None
 ) -> Tensor | ConvOutput:
     """Plain-PyTorch :func:`binary_conv2d`: unpack to float64 {-1, 0, +1} and ``F.conv2d``.
 
@@ -795,12 +887,14 @@ _TUNED = {}
 _RESTORE = ["y_ptr"]
 
 
+@functools.lru_cache(maxsize=1024)
 def _heuristic_config(method: int, m: int, cout: int, cin_pad: int) -> dict:
     """One tile per layer shape (CUDA, no autotuning): big tiles where there are many pixels.
 
     Chosen with bench/compile_report.py for sm_90 on triton 3.6 and 3.9: no spills and at
     most ~160 registers per thread for every BiMatting layer (some nearby tiles, e.g.
-    64,32,32 at 4 warps, need 223-255 registers on triton 3.6 but 56 on 3.9).
+    64,32,32 at 4 warps, need 223-255 registers on triton 3.6 but 56 on 3.9). Cached: the
+    same dict for the same arguments (callers read it, never change it).
     """
     bn = 128 if cout >= 128 else 64 if cout >= 64 else 32
     if method == 0:
@@ -866,20 +960,16 @@ def epilogue_vectors(p: "_Prepared") -> tuple:
 
 def epilogue_flags(p: "_Prepared") -> dict:
     """The constexpr flags of the float epilogue (shared with the sparse kernel)."""
-    return dict(
-        HAS_SHIFT=p.shift is not None,
-        R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
-        HAS_BA=p.bias_a is not None,
-        ACT=_ACT_CODE[p.act],
-        HAS_BB=p.bias_b is not None,
-        R2_MODE=_RES_CODE[p.post_residual.mode if p.post_residual else None],
-    )
+    flags = p.static_flags or dict(HAS_SHIFT=p.shift is not None, HAS_BA=p.bias_a is not None, ACT=_ACT_CODE[p.act],
+                                   HAS_BB=p.bias_b is not None)
+    return dict(flags, R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
+                R2_MODE=_RES_CODE[p.post_residual.mode if p.post_residual else None])
 
 
 def binary_conv2d(
     x: PackedActivation,
     weight: PackedWeight,
-    epilogue: Epilogue | None = None,
+    epilogue: Epilogue | BoundEpilogue | None = None,
     *,
     method: str = "auto",
     block: tuple[int, int, int] | None = None,
@@ -889,7 +979,9 @@ def binary_conv2d(
     ``x``: :class:`PackedActivation` (N, Cin, H, W), batch x time folded into N.
     ``weight``: :class:`PackedWeight` (Cout, Cin, KH, KW) on the same device.
     Without ``epilogue``: the exact int32 accumulator (N, Cout, Ho, Wo) (channels-last
-    memory). With one: a :class:`ConvOutput` ``(y, packed)`` per :class:`Epilogue`.
+    memory). With one: a :class:`ConvOutput` ``(y, packed)`` per :class:`Epilogue` (or
+    per ``EpiloguePlan.bind(...)``, the same epilogue with its per-channel part checked
+    once: less host work per launch for a layer run many times).
     ``method``: ``'dot'`` (int8 ``tl.dot``), ``'popcount'``, or ``'auto'`` (= ``'dot'``).
     ``block``: optional tile sizes (BM pixels, BN output channels, BK input channels),
     powers of two with BM, BN >= 16, BN and BK multiples of 32 (for tests and
@@ -934,7 +1026,7 @@ def binary_conv2d(
         else:
             y = torch.empty((1, 1, 1, 1), dtype=p.out_dtype, device=dev)  # carries the dtype only
         dummy = p.scale
-        vectors = (*epilogue_vectors(p), p.next_bias if p.next_bias is not None else dummy)
+        vectors = p.vector_args or (*epilogue_vectors(p), p.next_bias if p.next_bias is not None else dummy)
         res1 = _residual_args(p.residual, dummy)
         res2 = _residual_args(p.post_residual, dummy)
         margs, aargs, mode = mask_args(p.mask, p.addend, dummy)
@@ -957,7 +1049,7 @@ def binary_conv2d(
         w_arg = weight.int8 if code == 0 else weight.bits
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BM"]), triton.cdiv(cout, meta["BN"]))
+            return (cdiv(m, meta["BM"]), cdiv(cout, meta["BN"]))
 
         compiled = kernel[grid](
             x.bits, w_arg, m, h, w, ho, wo, x.words, cout,

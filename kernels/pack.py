@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import interpreting, triton_can_run
+from ._common import cdiv, interpreting, triton_can_run
 
 __all__ = [
     "WORD_BITS",
@@ -401,6 +401,9 @@ def _bias_arg(bias: Tensor | None, x: Tensor, channels: int, name: str) -> Tenso
     """``bias`` as a contiguous (C,) vector in the comparison dtype, or None."""
     if bias is None:
         return None
+    if (isinstance(bias, Tensor) and bias.dtype == x.dtype and bias.dim() == 1 and bias.shape[0] == channels
+            and bias.stride(0) == 1 and bias.device == x.device):
+        return bias  # the common case (a converted model's buffers): nothing to check or copy
     bias = _channel_vector(bias, channels, name, x.device)
     dtype = x.dtype if bias.dtype == x.dtype else torch.promote_types(x.dtype, bias.dtype)
     if interpreting() and dtype == torch.bfloat16:
@@ -434,7 +437,7 @@ def _launch_sign_pack(sources: list[Tensor], gate: Tensor | None, biases: list) 
         # Unused source slots repeat source 0 (never read: their channel ranges are empty).
         padded = sources + [x] * (MAX_SOURCES - len(sources))
         g = gate if gate is not None else x
-        grid = (triton.cdiv(p, bp), triton.cdiv(cw, bw))
+        grid = (cdiv(p, bp), cdiv(cw, bw))
         _sign_pack_kernel[grid](
             *padded, g, vectors[0] if vectors[0] is not None else x, outs[0],
             (vectors[1] if vectors[1] is not None else x) if pair else x, outs[1] if pair else outs[0],

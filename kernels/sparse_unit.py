@@ -66,10 +66,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import autotuning, hardware_popcount, interpreting, note_compiled, triton_can_run
+from ._common import autotuning, cdiv, hardware_popcount, interpreting, note_compiled, triton_can_run
 from ._common import pow2 as _pow2
 from .binary_conv import (
     METHODS,
+    BoundEpilogue,
     Epilogue,
     PackedWeight,
     _check_conv_args,
@@ -327,7 +328,7 @@ def active_tiles(mask: Tensor, tile: tuple[int, int] | None = None, halo: int = 
         budget = 16384 if interpreting() else 4096  # lanes per program
         bt = 1 << (max(budget // bq, 1).bit_length() - 1)  # tiles per program, a power of two
         sb, st, _, sh, sw = mask.stride()
-        _tile_flags_kernel[(triton.cdiv(cap, bt), t)](
+        _tile_flags_kernel[(cdiv(cap, bt), t)](
             mask, sb, st, sh, sw, flags, h, w, cap, nth * ntw, ntw, TH=th, TW=tw, HALO=halo, BT=bt, BQ=bq
         )
         block = min(_pow2(cap), 4096)
@@ -526,7 +527,7 @@ def sparse_binary_conv2d(
     th, tw = tiles.tile
 
     def grid(meta):
-        return (tiles.capacity, tiles.groups, triton.cdiv(cout, meta["BN"]))
+        return (tiles.capacity, tiles.groups, cdiv(cout, meta["BN"]))
 
     compiled = kernel[grid](
         tiles.index, tiles.count, tiles.capacity, tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
@@ -544,9 +545,13 @@ def sparse_binary_conv2d(
 # The masked unit: dense 1x1 branch + sparse 3x3 branch
 # ----------------------------------------------------------------------------------------
 def _check_unit_epilogue(epi, name: str) -> None:
-    if not isinstance(epi, Epilogue):
-        raise TypeError(f"{name} must be an Epilogue, got {type(epi).__name__}")
-    if epi.out is not None or epi.mask is not None or epi.addend is not None or epi.pack:
+    if isinstance(epi, BoundEpilogue):
+        pack = epi.plan.checked.pack
+    elif isinstance(epi, Epilogue):
+        pack = epi.pack
+    else:
+        raise TypeError(f"{name} must be an Epilogue (or EpiloguePlan.bind()), got {type(epi).__name__}")
+    if epi.out is not None or epi.mask is not None or epi.addend is not None or pack:
         raise ValueError(f"{name}: out, mask, addend and pack are set by the unit; leave them unset")
 
 
@@ -614,10 +619,10 @@ def _masked_pair_kernel(
 def sparse_unit(
     x3: PackedActivation,
     w3: PackedWeight,
-    epi3: Epilogue,
+    epi3: Epilogue | BoundEpilogue,
     x1: PackedActivation,
     w1: PackedWeight,
-    epi1: Epilogue,
+    epi1: Epilogue | BoundEpilogue,
     mask: Tensor,
     tiles: TileList,
     *,
@@ -630,7 +635,7 @@ def sparse_unit(
     H, W); ``w3`` / ``w1``: 3x3 (padding 1) and 1x1 :class:`PackedWeight` (same Cout, stride 1);
     ``epi3`` / ``epi1``: their epilogues (BN/bias/LB/activation, e.g. the GRU gates'
     ``act='sigmoid'``), without ``out``/``mask``/``addend``/``pack`` (and, with the
-    kernel, without residuals). ``mask``: float (N, 1, H, W), the level's mask; ``tiles``:
+    kernel, without residuals); :class:`Epilogue` s or ``EpiloguePlan.bind()`` s. ``mask``: float (N, 1, H, W), the level's mask; ``tiles``:
     its :class:`TileList` (``halo=0`` suffices). Returns (N, Cout, H, W) (channels-last)
     of ``epi1``'s output dtype: the 1x1 branch everywhere, ``y3 * mask + y1`` on the
     active tiles. One launch (``_masked_pair_kernel``: a program per tile, the 3x3 only
@@ -659,7 +664,7 @@ def sparse_unit(
             or epi3.post_residual is not None or epi1.post_residual is not None:
         return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru)
     p1 = _prepare(epi1, n, cout, ho, wo, x1.device)
-    p3 = _prepare(dataclasses.replace(epi3, out_dtype=p1.out_dtype), n, cout, ho, wo, x1.device)
+    p3 = _prepare(epi3, n, cout, ho, wo, x1.device)  # (its out_dtype is not used: the unit stores epi1's)
     if interpreting() and p1.out_dtype == torch.bfloat16:
         return _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru)
     mask = float_map(mask, "mask", (n, 1, ho, wo), x1.device)
@@ -678,13 +683,16 @@ def sparse_unit(
         return {f"HAS_SHIFT{suffix}": f["HAS_SHIFT"], f"HAS_BA{suffix}": f["HAS_BA"], f"ACT{suffix}": f["ACT"],
                 f"HAS_BB{suffix}": f["HAS_BB"]}
 
+    def vectors(pp):  # scale, shift, bias_a, slope, bias_b (a plan's, built once, start with them)
+        return pp.vector_args[:5] if pp.vector_args else epilogue_vectors(pp)
+
     config = _pair_config(code, cout, x1.words * 32)
     th, tw = tiles.tile
-    grid = (tiles.capacity, tiles.groups, triton.cdiv(cout, config["BN"]))
+    grid = (tiles.capacity, tiles.groups, cdiv(cout, config["BN"]))
     compiled = _masked_pair_kernel[grid](
         tiles.flags, tiles.flags.stride(0), tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
         x3.bits, w3.int8 if code == 0 else w3.bits, x1.bits, w1.int8 if code == 0 else w1.bits,
-        h, w, x1.words, cout, *epilogue_vectors(p3), *epilogue_vectors(p1),
+        h, w, x1.words, cout, *vectors(p3), *vectors(p1),
         mask, mask.stride(0), mask.stride(2), mask.stride(3), y, *y.stride(),
         *((h_state, *h_state.stride()) if gru else (y, 0, 0, 0, 0)),
         *((z_gate, *z_gate.stride()) if gru else (y, 0, 0, 0, 0)),
@@ -731,6 +739,8 @@ def _check_gru(gru, n: int, cout: int, h: int, w: int, dtype: torch.dtype, devic
 def _sparse_unit_two_launches(x3, w3, epi3, x1, w1, epi1, mask, tiles, method, gru=None) -> Tensor:
     """The dense 1x1 launch then the sparse 3x3 rewriting the active tiles (residuals allowed),
     then the GRU update if asked (``torch.lerp``)."""
+    if isinstance(epi3, BoundEpilogue):
+        epi3 = epi3.as_epilogue()
     y1 = binary_conv2d(x1, w1, epi1, method=method).y
     epi = dataclasses.replace(epi3, out=y1, out_dtype=y1.dtype, mask=mask, addend=y1)
     unit = sparse_binary_conv2d(x3, w3, epi, tiles, method=method)

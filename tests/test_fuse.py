@@ -15,6 +15,7 @@ import torch
 
 from bimatting_triton import BiMatting
 from bimatting_triton.fuse import BinaryConvUnit, FusedBackbone, FusedSequential, convert
+from bimatting_triton.kernels.binary_conv import binary_conv2d
 from bimatting_triton.nn import BiConv2d, BinaryActivation, LearnableBias
 
 ATOL = 1e-6
@@ -176,3 +177,39 @@ def test_half_unit_computes_its_epilogue_in_float32():
     unit16.load_state_dict(unit32.half().state_dict())  # in place: the copies follow
     assert torch.equal(unit16.epilogue().scale, unit32.scale.float())
     assert torch.equal(unit16.epilogue().shift, unit32.shift.float())
+
+
+def test_epilogue_plan_is_built_once_and_follows_the_buffers():
+    # BinaryConvUnit.run launches with an EpiloguePlan (vectors checked once) cached per
+    # option set: reused while the buffers are the same tensors, rebuilt when they are
+    # replaced; where the plan holds copies (a single PReLU slope expanded to Cout, float32
+    # copies of half buffers) also when they are written in place (load_state_dict).
+    torch.manual_seed(0)
+    conv = BiConv2d(40, 24, 3, padding=1)
+    prelu = torch.nn.PReLU()  # one slope: the plan expands it
+    unit = BinaryConvUnit([conv], [None], LearnableBias(40), None, prelu).to(DEVICE)
+    x = torch.randn(2, 40, 9, 11, device=DEVICE)
+    packed = unit.pack(x)
+
+    def fresh_run(u):  # the unit's epilogue built now, without a plan
+        return binary_conv2d(packed, u.packed_weight(), u.epilogue()).y
+
+    plan = unit.epilogue_plan()
+    assert unit.epilogue_plan() is plan and unit.epilogue_plan(pack_next=True) is not plan
+    y = unit.run(packed).y
+    assert unit.epilogue_plan() is plan and torch.equal(y, fresh_run(unit))
+    with torch.no_grad():
+        unit.slope.fill_(-0.75)  # in place: the expanded copy must follow
+    assert unit.epilogue_plan() is not plan
+    assert torch.equal(unit.run(packed).y, fresh_run(unit)) and not torch.equal(unit.run(packed).y, y)
+    unit.shift = unit.shift + 1  # a new buffer
+    assert torch.equal(unit.run(packed).y, fresh_run(unit))
+    unit.double()
+    assert unit.epilogue_plan().checked.scale.dtype == torch.float64
+    half = copy.deepcopy(unit).half()
+    first = half.epilogue_plan()
+    assert half.epilogue_plan() is first
+    half.load_state_dict(unit.float().half().state_dict())  # in place, same values: rebuilt anyway
+    assert half.epilogue_plan() is not first
+    half.load_state_dict({k: v * 2 if k == "scale" else v for k, v in half.state_dict().items()})
+    assert torch.equal(half.run(packed).y, fresh_run(half))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bimatting_triton.kernels import _common
 from bimatting_triton.kernels.binary_conv import (
     Epilogue,
+    EpiloguePlan,
     PackedWeight,
     Residual,
     binary_conv2d,
@@ -309,6 +310,72 @@ def test_epilogue_writes_into_a_channel_slice():
     terms = acc.abs() * epi.scale.double().view(1, -1, 1, 1) + epi.shift.double().abs().view(1, -1, 1, 1)
     assert (diff <= 4 * torch.finfo(torch.float32).eps * terms).all()
     assert buf[:, :8].isnan().all() and buf[:, 48:].isnan().all()
+
+
+@pytest.mark.parametrize("name", ["3x3-add-prelu-f32-dot", "3x3s2-avgpool-prelu-f32-popcount",
+                                  "3x3-none-prelu-f32-to-f16-dot"])
+def test_epilogue_plan_launch_equals_the_epilogue(name):
+    # An EpiloguePlan (per-channel part checked once) bound per launch computes exactly what the
+    # equivalent Epilogue computes: same kernel, same arguments. Also with a single PReLU slope
+    # (expanded by the plan), an output buffer, a mask stage, and in the reference.
+    k, s, res, act, cd, out_dtype, method, post, next_bias = EPILOGUE_CASES[name]
+    n, cin, cout, h, w = 2, 70, 40, 5, 7
+    pa = sign_pack(_activations(n, cin, h, w))
+    pw = pack_weight(_weights(cout, cin, k), stride=s)
+    ho, wo = pw.output_size(h, w)
+    kw = dict(dtype=cd, device=DEVICE)
+    mode, rc = res if res is not None else ("add", cout)
+    rh, rw = (h, w) if mode == "avgpool" else (ho, wo)
+    per_channel = dict(scale=torch.rand(cout, **kw) + 0.5, shift=torch.randn(cout, **kw),
+                       bias_a=torch.randn(cout, **kw), act=act,
+                       prelu_weight=torch.rand(1, **kw) - 0.5 if act == "prelu" else None,
+                       bias_b=torch.randn(1, cout, 1, 1, **kw), out_dtype=out_dtype, pack=True,
+                       next_bias=torch.randn(cout, **kw) if next_bias else None)
+    plan = EpiloguePlan(Epilogue(**per_channel), cout, DEVICE)
+    for _ in range(2):  # the same plan, new per-pixel tensors each launch
+        residual = Residual(torch.randn(n, 2 * rc, rh, rw, **kw)[:, ::2], mode)
+        post_residual = torch.randn(n, cout, ho, wo, **kw) if post else None
+        full = Epilogue(**per_channel, residual=residual, post_residual=post_residual)
+        got = binary_conv2d(pa, pw, plan.bind(residual=residual, post_residual=post_residual), method=method,
+                            block=BLOCK)
+        want = binary_conv2d(pa, pw, full, method=method, block=BLOCK)
+        assert torch.equal(got.y, want.y) and torch.equal(got.packed.bits, want.packed.bits)
+        ref = binary_conv2d_reference(pa, pw, plan.bind(residual=residual, post_residual=post_residual))
+        assert torch.equal(ref.y, binary_conv2d_reference(pa, pw, full).y)
+    # out, mask and addend given per launch (the decoder's read-modify-write form)
+    plain = EpiloguePlan(Epilogue(per_channel["scale"], per_channel["shift"], act="relu"), cout, DEVICE)
+    mask = (torch.rand(n, 1, ho, wo, device=DEVICE) > 0.5).to(cd)
+    first = torch.randn(n, cout, ho, wo, **kw)
+    outs = [first, first.clone()]
+    got = binary_conv2d(pa, pw, plain.bind(out=outs[0], mask=mask, addend=outs[0]), method=method, block=BLOCK)
+    want = binary_conv2d(pa, pw, Epilogue(per_channel["scale"], per_channel["shift"], act="relu", out=outs[1],
+                                          mask=mask, addend=outs[1]), method=method, block=BLOCK)
+    assert got.y is outs[0] and torch.equal(outs[0], outs[1]) and torch.equal(got.y, want.y)
+
+
+def test_epilogue_plan_errors():
+    pa = sign_pack(torch.randn(1, 20, 4, 4))
+    pw = pack_weight(torch.randn(8, 20, 3, 3))
+    scale = torch.ones(8)
+    with pytest.raises(ValueError, match="EpiloguePlan: leave residual, out unset"):
+        EpiloguePlan(Epilogue(scale, residual=torch.randn(1, 8, 4, 4), out=torch.empty(1, 8, 4, 4)), 8, "cpu")
+    with pytest.raises(TypeError, match="epilogue must be an Epilogue"):
+        EpiloguePlan(scale, 8, "cpu")
+    with pytest.raises(ValueError, match="epilogue.shift must have 8 elements"):
+        EpiloguePlan(Epilogue(scale, shift=torch.zeros(7)), 8, "cpu")  # checked when built
+    with pytest.raises(ValueError, match="built for 9 output channels on cpu, this launch has 8"):
+        binary_conv2d(pa, pw, EpiloguePlan(Epilogue(torch.ones(9)), 9, "cpu").bind())
+    plan = EpiloguePlan(Epilogue(scale), 8, "cpu")
+    with pytest.raises(ValueError, match="epilogue.residual \\(add\\) must have shape"):
+        binary_conv2d(pa, pw, plan.bind(residual=torch.randn(1, 8, 2, 2)))  # per-pixel tensors: per launch
+    with pytest.raises(ValueError, match="epilogue.out has dtype torch.float16 but out_dtype is torch.float32"):
+        binary_conv2d(pa, pw, plan.bind(out=torch.empty(1, 8, 4, 4, dtype=torch.float16)))
+    with pytest.raises(ValueError, match="epilogue.addend is only used with a mask"):
+        binary_conv2d(pa, pw, plan.bind(addend=torch.empty(1, 8, 4, 4)))
+
+
+def test_host_cdiv():
+    assert [_common.cdiv(a, 4) for a in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the fallback is for devices where Triton cannot run")
