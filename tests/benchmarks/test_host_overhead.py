@@ -35,6 +35,28 @@ def test_fused_model_launches_and_never_synchronises():
     # tile list per level and call (tile_flags / compact once per level, not per frame)
     assert r["triton_launches"]["_tile_flags_kernel"] == r["triton_launches"]["_compact_kernel"] == 5
     assert r["launches"] == r["triton_total"] + r["torch_total"] and r["host_ms"] > 0
+    # Triton's argument binding of every launch, timed with this Triton's binders for sm_90
+    assert r["host_ms_with_binding"] is not None and r["host_ms_with_binding"] > 0
+
+
+def test_triton_binder_binds_a_real_launch():
+    # The binder host_overhead.py times is the one Triton runs at launch: on the model's own
+    # arguments it returns their specialisation (a tensor's dtype and alignment, ...).
+    code = """
+import json, torch
+from host_overhead import triton_binder
+from bimatting_triton.kernels.pack import _sign_pack_kernel
+binder = triton_binder(_sign_pack_kernel)
+x = torch.randn(1, 40, 3, 5)
+out = torch.empty(1, 3, 5, 2, 2, dtype=torch.int32)
+args = (x, x, x, x, x, out, x, out, *x.stride() * 4, 15, 40, 40, 40, 3, 5, 2, 0)
+flags = dict(SOURCES=1, GATED=False, HAS_BIAS=False, PAIR=False, HAS_BIAS2=False, BP=64, BW=1)
+bound, specialization, _ = binder(*args, **flags)
+print(json.dumps(dict(n=len(bound),  # 32 arguments and 7 constexprs
+                 spec=[str(s[0]) for s in specialization][:6])))
+"""
+    r = _run(code)
+    assert r["n"] == 32 + 7 and r["spec"][0] == "*fp32" and r["spec"][5] == "*i32", r
 
 
 def test_a_host_synchronisation_is_reported():
