@@ -6,7 +6,15 @@ convolution with a fused epilogue) and ``sparse_unit`` (active-tile lists and th
 tile-sparse masked units of the decoder). Under ``TRITON_INTERPRET=1`` (set before import)
 the kernels run on the CPU.
 """
-from .binary_conv import Epilogue, PackedWeight, Residual, binary_conv2d, binary_conv2d_reference, pack_weight
+from .binary_conv import (
+    Epilogue,
+    EpiloguePlan,
+    PackedWeight,
+    Residual,
+    binary_conv2d,
+    binary_conv2d_reference,
+    pack_weight,
+)
 from .pack import PackedActivation, sign_pack, sign_pack_pair, sign_pack_reference
 from .sparse_unit import (
     TileList,
@@ -27,6 +35,7 @@ __all__ = [
     "PackedWeight",
     "pack_weight",
     "Epilogue",
+    "EpiloguePlan",
     "Residual",
     "binary_conv2d",
     "binary_conv2d_reference",
