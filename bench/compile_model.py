@@ -7,11 +7,13 @@ spills of each kernel as really launched (flags, dtypes, tiles), with no device 
 
 How: the converted model runs on the CPU with the kernels' launch sites told that they are
 on CUDA (``triton_can_run``/``interpreting``/``hardware_popcount`` patched) and every
-``kernel[grid](...)`` replaced by a recorder. The recorder turns the launch into the
-signature Triton's JIT would build (pointer dtypes, 16-divisible ints and pointers, ints
-equal to 1 as constants, constexprs, ``num_warps``/``num_stages``), compiles each distinct
-one for ``--arch`` (``triton.compile``) and runs ``ptxas -v`` on it. Nothing is executed:
-outputs are left uninitialised, which the model's Python never branches on.
+``kernel[grid](...)`` replaced by a recorder, which hands the launch to the kernel's own
+``warmup`` (Triton's ahead-of-time entry: the JIT's binder, specialisation and options)
+with Triton's driver told that the device is a GPU of ``--arch``, then runs ``ptxas -v`` on
+the result. Nothing is executed: outputs are left uninitialised, which the model's Python
+never branches on. The compiled kernels land in Triton's cache under the keys the JIT uses,
+so ``TRITON_CACHE_DIR=DIR`` here fills a cache that a GPU machine with the same Triton build
+reads instead of compiling (``bench/prebuild_triton_cache.sh``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions (the interpreter 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
@@ -35,8 +37,6 @@ from compile_report import ptxas_report  # noqa: E402  (bench/compile_report.py)
 from bimatting_triton import BiMatting, convert  # noqa: E402
 from bimatting_triton.kernels import _common, binary_conv, pack, sparse_unit  # noqa: E402
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-           torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}
 KERNELS = {
     binary_conv: ["_binary_conv_kernel"],
     sparse_unit: ["_sparse_conv_kernel", "_sparse_float_conv_kernel", "_tile_flags_kernel", "_compact_kernel",
@@ -45,62 +45,71 @@ KERNELS = {
 }
 
 
+class TargetOnlyDriver:
+    """Stands in for Triton's active driver where there is no GPU: it names a CUDA device of
+    compute capability ``arch`` (device 0, stream 0) and can do nothing else. Enough for
+    ``JITFunction.warmup``, which binds, specialises and compiles a launch as ``kernel[grid]``
+    would, without launching it."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def target_only_driver(arch: int):
+    """Triton's active driver replaced by a :class:`TargetOnlyDriver` (restored on exit)."""
+    previous = driver._active  # (reading ``driver.active`` would create the real one, which needs a GPU)
+    driver.set_active(TargetOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
 class Recorder:
     """Stands in for a ``@triton.jit`` function: ``rec[grid](*args, **kwargs)`` compiles the
-    specialisation (once per distinct one) instead of launching it."""
+    launch instead of running it, through the kernel's own ``warmup`` (Triton's binder,
+    specialisation and options, as its JIT on a GPU of ``arch``): the compiled kernel is the
+    one a GPU would run, stored in Triton's cache (``TRITON_CACHE_DIR``) under the key its JIT
+    looks up there, so a cache filled here spares a GPU machine with the same Triton build
+    the compilation. One result per distinct specialisation."""
 
     def __init__(self, fn, arch: int, results: dict):
         self.fn, self.arch, self.results = fn, arch, results
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launch(args, kwargs)
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, args, kwargs):
-        kwargs = dict(kwargs)
-        options = dict(num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))
-        names = self.fn.arg_names
-        values = dict(zip(names, args), **kwargs)
-        constexprs, signature, attrs = {}, {}, {}
-        for i, name in enumerate(names):
-            v = values[name]
-            if name in kwargs or v is None:
-                constexprs[name] = v
-                signature[name] = "constexpr"
-            elif isinstance(v, torch.Tensor):
-                signature[name] = "*" + _DTYPES[v.dtype]
-                if v.data_ptr() % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, bool):
-                signature[name] = "i1"
-            elif isinstance(v, int):
-                if v == 1:  # Triton's JIT specialises ints equal to 1 as constants
-                    constexprs[name] = 1
-                    signature[name] = "constexpr"
-                    continue
-                signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-                if v % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                signature[name] = "fp32"
-            else:
-                raise TypeError(f"{self.fn.__name__}: cannot type argument {name}={v!r}")
-        key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in
-               constexprs.items())), tuple(sorted(attrs)), tuple(sorted(options.items())))
+    def launch(self, grid, args, kwargs):
+        options = dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
+        tile = {k: kwargs[k] for k in ("BM", "BN", "BK", "BP", "BW", "BT", "BQ", "BC", "TH", "TW", "BLOCK")
+                if k in kwargs}
+        start = time.perf_counter()
+        try:
+            with target_only_driver(self.arch):
+                compiled = self.fn.warmup(*args, grid=grid, **kwargs)
+            error = None
+        except Exception as exc:  # reported: a specialisation that does not compile is a bug
+            compiled, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        seconds = time.perf_counter() - start
+        key = (self.fn.__name__, compiled.hash if compiled is not None else repr(sorted(kwargs.items())))
         if key in self.results:
             self.results[key]["launches"] += 1
             return None
-        start = time.perf_counter()
-        try:
-            compiled = triton.compile(ASTSource(self.fn, signature, constexprs=constexprs, attrs=attrs),
-                                      target=GPUTarget("cuda", self.arch, 32), options=options)
+        report = {}
+        if compiled is not None:
             report = dict(shared=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], self.arch))
-            error = None
-        except Exception as exc:  # reported: a specialisation that does not compile is a bug
-            report, error = {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        tile = {k: constexprs[k] for k in ("BM", "BN", "BK", "BP", "BW", "BT", "BQ", "BC", "TH", "TW", "BLOCK")
-                if k in constexprs}
         self.results[key] = dict(kernel=self.fn.__name__, tile=tile, options=options, launches=1,
-                                 compile_s=time.perf_counter() - start, error=error, **report)
+                                 compile_s=seconds, error=error, **report)
         return None
 
 

@@ -17,8 +17,12 @@ export PYTHONUNBUFFERED=1
 # The golden data: ../shared does not travel to the device machine; carry a copy as
 # .gpu-shared/reference (cp -r ../shared/reference .gpu-shared/, carry=[".gpu-shared"]).
 [ -d .gpu-shared/reference ] && export BIMATTING_REFERENCE_DIR="$PWD/.gpu-shared/reference"
-# Compiled kernels are shared by the steps' processes (the first fused step compiles them).
+# Compiled kernels are shared by the steps' processes (the first fused step compiles them),
+# and prebuilt ones are used where they match (bench/prebuild_triton_cache.sh; carry the archive).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .gpu-triton-cache.tar.xz ] && tar xJf .gpu-triton-cache.tar.xz -C "$TRITON_CACHE_DIR"
+cached() { ls "$TRITON_CACHE_DIR" | wc -l; }
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(host tests throughput graphs profile kernels sparse)
@@ -33,12 +37,13 @@ run() {
   # SIGINT first: pytest then still prints its summary of failures.
   timeout -s INT -k 20 "$limit" "$@" >> "$out/$log" 2>&1
   local rc=$?
-  echo "[$(( $(date +%s) - t0 )) s, rc=$rc] $*"
+  echo "[$(( $(date +%s) - t0 )) s, rc=$rc, Triton cache $(cached) entries] $*"
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   > "$out/setup.log" 2>&1
+echo "Triton cache: $(cached) entries before the first step (prebuilt ones included)" >> "$out/setup.log"
 cat "$out/setup.log"
 python -m pip install -q --no-deps --no-build-isolation -e . >> "$out/setup.log" 2>&1 \
   && (cd /tmp && python -c "import bimatting_triton.kernels") >> "$out/setup.log" 2>&1 \
