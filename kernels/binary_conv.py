@@ -1041,7 +1041,7 @@ def binary_conv2d(
         pcw = words_for(cout)
         if p.pack:
             pbits = torch.empty((n, ho, wo, 2, pcw), dtype=torch.int32, device=dev)
-            packed = PackedActivation(pbits, cout)
+            packed = PackedActivation._allocated(pbits, cout)  # (N, Ho, Wo, 2, words) int32
         else:
             pbits = dummy
     if m > 0:

@@ -99,6 +99,15 @@ class PackedActivation:
         if not b.is_contiguous():
             object.__setattr__(self, "bits", b.contiguous())
 
+    @classmethod
+    def _allocated(cls, bits: Tensor, channels: int) -> "PackedActivation":
+        """For the kernels' own outputs, allocated with the right dtype, shape and layout:
+        the same object without the checks (host time at every launch)."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "bits", bits)
+        object.__setattr__(obj, "channels", channels)
+        return obj
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """Logical (N, C, H, W)."""
@@ -446,4 +455,4 @@ def _launch_sign_pack(sources: list[Tensor], gate: Tensor | None, biases: list) 
             SOURCES=len(sources), GATED=gate is not None, HAS_BIAS=vectors[0] is not None, PAIR=pair,
             HAS_BIAS2=pair and vectors[1] is not None, BP=bp, BW=bw,
         )
-    return [PackedActivation(out, c) for out in outs]
+    return [PackedActivation._allocated(out, c) for out in outs]  # (N, H, W, 2, CW) int32, as built above

@@ -58,6 +58,7 @@ Counting: :meth:`TileList.computed_pixels` / :meth:`TileList.density` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -424,11 +425,13 @@ _SPARSE_KEY = ["COUT", "CW", "KH", "KW", "STRIDE", "TH", "TW", "ACT", "MASK_MODE
 _SPARSE_TUNED = {}
 
 
+@functools.lru_cache(maxsize=1024)
 def sparse_heuristic_config(method: int, cout: int, cin_pad: int) -> dict:
     """One tile per layer shape (CUDA, no autotuning): the tile's 64 pixels x BN channels.
 
     Chosen with bench/compile_report.py --kernel sparse for sm_90 on triton 3.6 and 3.9:
-    no spills and at most ~130 registers per thread (BN=128 tiles need 208-255).
+    no spills and at most ~130 registers per thread (BN=128 tiles need 208-255). Cached:
+    the same dict for the same arguments (callers read it, never change it).
     """
     if method == 0:
         bn = min(64, max(16, _pow2(cout)))
@@ -679,7 +682,7 @@ def sparse_unit(
     code = 1 if method == "popcount" else 0
 
     def flags(pp, suffix):
-        f = epilogue_flags(pp)
+        f = pp.static_flags or epilogue_flags(pp)  # (no residuals here: their modes are not needed)
         return {f"HAS_SHIFT{suffix}": f["HAS_SHIFT"], f"HAS_BA{suffix}": f["HAS_BA"], f"ACT{suffix}": f["ACT"],
                 f"HAS_BB{suffix}": f["HAS_BB"]}
 
