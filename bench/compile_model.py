@@ -20,7 +20,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions (the interpreter compiles nothing)
@@ -28,11 +31,11 @@ os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions (the interpreter 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
-from compile_report import ptxas_report  # noqa: E402  (bench/compile_report.py)
 
 from bimatting_triton import BiMatting, convert  # noqa: E402
 from bimatting_triton.kernels import _common, binary_conv, pack, sparse_unit  # noqa: E402
@@ -43,6 +46,27 @@ KERNELS = {
                   "_masked_pair_kernel"],
     pack: ["_sign_pack_kernel"],
 }
+
+
+_PTXAS_LINE = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def ptxas_report(ptx_source: str, arch: int) -> dict:
+    """``ptxas -v`` on a PTX module -> {'regs', 'spill_stores', 'spill_loads', 'stack'} (bytes per thread)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(ptx_source)
+        suffix = "a" if arch >= 90 else ""
+        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    spill = _SPILL.search(out)
+    stack = _STACK.search(out)
+    return dict(regs=int(_PTXAS_LINE.search(out).group(1)),
+                spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
+                stack=int(stack.group(1)) if stack else 0)
 
 
 class TargetOnlyDriver:
@@ -83,11 +107,12 @@ class Recorder:
     looks up there, so a cache filled here spares a GPU machine with the same Triton build
     the compilation. One result per distinct specialisation."""
 
-    def __init__(self, fn, arch: int, results: dict):
+    def __init__(self, fn, arch: int, results: dict, options: dict | None = None):
         self.fn, self.arch, self.results = fn, arch, results
+        self.options = options or {}  # e.g. num_warps / num_stages to launch with instead
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+        return lambda *args, **kwargs: self.launch(grid, args, {**kwargs, **self.options})
 
     def launch(self, grid, args, kwargs):
         options = dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
@@ -114,9 +139,10 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def pretend_cuda(arch: int, results: dict, stand_in=None):
+def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None = None):
     """Launch sites believe they are on CUDA; kernels are Recorders (or ``stand_in(kernel)``
-    if given: anything indexable by a grid and then callable). Restored on exit."""
+    if given: anything indexable by a grid and then callable). ``options``: kernel name ->
+    launch options the Recorder sets (e.g. ``num_warps``). Restored on exit."""
     patches = []
 
     def patch(module, name, value):
@@ -133,7 +159,8 @@ def pretend_cuda(arch: int, results: dict, stand_in=None):
             kernel = getattr(module, name, None)
             if kernel is None:  # (an older kernels/ checked out beside this script)
                 continue
-            patch(module, name, Recorder(kernel, arch, results) if stand_in is None else stand_in(kernel))
+            patch(module, name, stand_in(kernel) if stand_in is not None
+                  else Recorder(kernel, arch, results, (options or {}).get(name)))
     try:
         yield
     finally:

@@ -6,10 +6,12 @@ need not be here: no device time spent (the first thing to read when a kernel is
     python bench/compile_report.py --kernel sparse         # the tile-sparse decoder units' conv
 
 For each distinct binary conv layer of BiMatting at ``--size`` (the shapes of
-``bench/kernels.py``), the kernel is specialised as ``convert``'s models launch it (fused
-BN scale/shift, PReLU, the next layer's sign + pack) and compiled by Triton to PTX for
-``--arch``; the bundled ``ptxas -v`` then reports registers per thread, spill stores/loads
-(bytes of local memory traffic per thread) and the kernel's shared memory. By default each
+``bench/kernels.py``), the kernel is launched through the library as ``convert``'s models
+launch it (fused BN scale/shift, PReLU, the next layer's sign + pack) on pretend-CUDA
+tensors and compiled by Triton's own JIT path for ``--arch`` (``bench/compile_model.py``:
+the specialisation a GPU would compile); the bundled ``ptxas -v`` then reports registers per
+thread, spill stores/loads (bytes of local memory traffic per thread) and the kernel's
+shared memory. By default each
 layer gets the CUDA heuristic tile (``kernels/binary_conv._heuristic_config``); ``--tiles``
 compiles the given ``BM,BN,BK,num_warps,num_stages`` tiles instead, for every layer.
 
@@ -20,90 +22,52 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real (the interpreter compiles nothing)
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compile_model import pretend_cuda  # noqa: E402  (bench/compile_model.py)
 
 from bimatting_triton.kernels import binary_conv, sparse_unit  # noqa: E402
-from bimatting_triton.kernels.pack import words_for  # noqa: E402
+from bimatting_triton.kernels.binary_conv import Epilogue, binary_conv2d, pack_weight  # noqa: E402
+from bimatting_triton.kernels.pack import sign_pack, words_for  # noqa: E402
 
-_PTXAS_LINE = re.compile(r"Used (\d+) registers")
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_STACK = re.compile(r"(\d+) bytes stack frame")
-
-# Pointer arguments holding int32 words (packed bits, tile lists); every other ``*_ptr`` is a
-# float vector/map (float32 here), ``w_ptr`` is int8 (dot) or int32 (popcount) weights, and
-# the remaining non-constexpr arguments are 32-bit ints (sizes, strides).
-_INT32_POINTERS = {"x_ptr", "p_ptr", "tiles_ptr", "count_ptr"}
-
-
-def _signature(fn, constexprs: dict, method: int) -> tuple[dict, dict]:
-    """Triton signature and divisibility attributes for a launch like convert's."""
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        if not name.endswith("_ptr"):
-            sig[name] = "i32"
-            continue
-        if name == "w_ptr":
-            sig[name] = "*i8" if method == 0 else "*i32"
-        else:
-            sig[name] = "*i32" if name in _INT32_POINTERS else "*fp32"
-        attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 256-byte aligned
-    return sig, attrs
-
-
-def _constexprs(kernel: str, shape, tile: dict, method: int) -> dict:
-    """The constexprs of a typical launch: BN scale/shift, PReLU; the dense conv packs its
-    output for the next layer, the sparse unit writes ``y * mask + addend``."""
-    _, _, _, _, k, s = shape
-    common = dict(KH=k, KW=k, STRIDE=s, PAD=k // 2, METHOD=method, HW_POPC=True, HAS_SHIFT=True, R1_MODE=0,
-                  HAS_BA=False, ACT=1, HAS_BB=False, R2_MODE=0, BN=tile["BN"], BK=tile["BK"])
-    if kernel == "sparse":
-        return dict(common, MASK_MODE=2, TH=8, TW=8)
-    return dict(common, EPILOGUE=1, MASK_MODE=0, STORE_Y=False, STORE_P=True, HAS_NB=True, BM=tile["BM"])
-
-
-def ptxas_report(ptx_source: str, arch: int) -> dict:
-    """``ptxas -v`` on a PTX module -> {'regs', 'spill_stores', 'spill_loads', 'stack'} (bytes per thread)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(ptx_source)
-        suffix = "a" if arch >= 90 else ""
-        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True).stderr
-    spill = _SPILL.search(out)
-    stack = _STACK.search(out)
-    return dict(regs=int(_PTXAS_LINE.search(out).group(1)),
-                spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
-                stack=int(stack.group(1)) if stack else 0)
+KERNEL_NAMES = {"dense": "_binary_conv_kernel", "sparse": "_sparse_conv_kernel"}
 
 
 def compile_layer(shape, tile: dict, arch: int, method: int = 0, kernel: str = "dense") -> dict:
-    """Compile the packed conv (``kernel`` 'dense', or 'sparse': the tile-sparse unit, 8x8
+    """Compile the packed conv (``kernel`` 'dense', or 'sparse': the tile-sparse conv, 8x8
     tiles) for ``shape`` = (Cin, Cout, H, W, k, stride) with ``tile`` = dict(BM, BN, BK,
-    num_warps, num_stages) (BM unused by 'sparse');
-    -> {'regs', 'spill_stores', 'spill_loads', 'stack', 'shared'}."""
-    fn = sparse_unit._sparse_conv_kernel if kernel == "sparse" else binary_conv._binary_conv_kernel
-    constexprs = _constexprs(kernel, shape, tile, method)
-    sig, attrs = _signature(fn, constexprs, method)
-    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
-    return dict(shared=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], arch))
+    num_warps, num_stages) (BM unused by 'sparse'), launched as ``convert``'s models launch
+    it: folded BN scale/shift and PReLU, then (dense) the next layer's sign + pack only, or
+    (sparse) ``y * mask + out`` into an existing output. The launch goes through the library
+    on pretend-CUDA tensors and is compiled by Triton's own JIT path
+    (``bench/compile_model.py``); -> {'regs', 'spill_stores', 'spill_loads', 'stack', 'shared'}."""
+    cin, cout, h, w, k, s = shape
+    results: dict = {}
+    options = {KERNEL_NAMES[kernel]: dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])}
+    with torch.no_grad(), pretend_cuda(arch, results, options=options):
+        x = sign_pack(torch.randn(1, cin, h, w))  # (its own launch is compiled too, and not reported)
+        weight = pack_weight(torch.randn(cout, cin, k, k), stride=s)
+        epilogue = Epilogue(scale=torch.rand(cout), shift=torch.randn(cout), act="prelu",
+                            prelu_weight=torch.rand(cout))
+        code = "dot" if method == 0 else "popcount"
+        if kernel == "sparse":
+            ho, wo = weight.output_size(h, w)
+            out, mask = torch.empty(1, cout, ho, wo), torch.ones(1, 1, ho, wo)
+            epilogue.out, epilogue.mask, epilogue.addend = out, mask, out
+            tiles = sparse_unit.active_tiles_reference(mask.unsqueeze(1), (8, 8))
+            sparse_unit.sparse_binary_conv2d(x, weight, epilogue, tiles, method=code, block=(tile["BN"], tile["BK"]))
+        else:
+            epilogue.store_float, epilogue.pack, epilogue.next_bias = False, True, torch.randn(cout)
+            binary_conv2d(x, weight, epilogue, method=code, block=(tile["BM"], tile["BN"], tile["BK"]))
+    (row,) = [r for r in results.values() if r["kernel"] == KERNEL_NAMES[kernel]]
+    if row["error"]:
+        raise RuntimeError(f"{KERNEL_NAMES[kernel]} for {shape} with {tile}: {row['error']}")
+    return {key: row[key] for key in ("regs", "spill_stores", "spill_loads", "stack", "shared")}
 
 
 def default_tile(kernel: str, method: int, shape) -> dict:
@@ -141,8 +105,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
                         help="exit with status 1 if any compiled kernel spills registers")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from kernels import layer_shapes  # bench/kernels.py
+    from kernels import layer_shapes  # bench/kernels.py (this script's folder is on sys.path)
 
     method = 0 if args.method == "dot" else 1
     shapes = layer_shapes(args.size)
