@@ -272,7 +272,9 @@ class FusedOutputBlock(_SparseBlock):
             raise ValueError(f"OutputBlock.conv: expected LB -> sign -> BiConv -> BN -> ReLU -> Conv(same) -> BN -> "
                              f"ReLU, got {block.conv}")
         with torch.no_grad():
-            weight = conv.weight.detach().clone()
+            # (Cout, Cin, K, K) stored as (K, K, Cin, Cout) in memory, the sparse float conv's
+            # layout: its kernel then reads the buffer as is (no re-layout copy at each call).
+            weight = conv.weight.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
             ones = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
             scale, shift = fold_scale_shift(ones, rest[1], conv.bias, dtype=weight.dtype)
         self.register_buffer("float_weight", weight)

@@ -898,7 +898,8 @@ def sparse_float_conv2d(
     ``x``: float (N, Cin, H, W), any strides; read densely around each tile, so the
     pixels within K//2 of an active tile must hold the conv's real input (build the
     producer's list with ``halo = K//2``); elsewhere any finite values. ``weight``:
-    (Cout, Cin, K, K), Cin, Cout <= 128. ``scale``/``shift``: (Cout,) (folded BatchNorm),
+    (Cout, Cin, K, K), Cin, Cout <= 128 (read in place if its memory is (K, K, Cin, Cout)
+    contiguous and its dtype x's, else copied so for the launch). ``scale``/``shift``: (Cout,) (folded BatchNorm),
     float32 or float64: the compute dtype. ``act``: None, 'relu', 'sigmoid', 'tanh'.
     ``out``: (N, Cout, H, W), any strides; ``mask`` (N, 1, H, W) and ``addend`` (N, Cout,
     H, W) (may be ``out``) as in :class:`Epilogue`. The dot runs in IEEE float32 (x
@@ -913,7 +914,8 @@ def sparse_float_conv2d(
         return out
     if x.dtype == torch.bfloat16:
         x = x.float()
-    wk = weight.detach().permute(2, 3, 1, 0).to(x.dtype).contiguous()  # (K, K, Cin, Cout)
+    # (K, K, Cin, Cout) contiguous: no copy when the weight is stored so in memory, in x's dtype
+    wk = weight.detach().permute(2, 3, 1, 0).to(x.dtype).contiguous()
     dummy = scale
     shift_arg = shift.reshape(cout).to(scale.dtype).contiguous() if shift is not None else dummy
     margs, aargs, mode = mask_args(mask, addend, dummy)
