@@ -161,3 +161,29 @@ def test_pretrained_backbone_is_accepted_with_a_warning():
     with pytest.warns(UserWarning, match="no pretrained binary backbone"):
         model = BiMatting(pretrained_backbone=True)
     assert isinstance(model, BiMatting)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 1, 17, 23), (1, 1, 1, 1), (3, 1, 2, 5), (1, 1, 36, 64)])
+def test_incoherence_mask_is_the_published_formula(dtype, shape):
+    # The decoder's mask, written with comparisons into float32 tensors (fewer kernels), is
+    # the published ((pha > 0).float(), bilinear round trip, |m - blur| >= 0.01).float():
+    # float32 0/1 whatever the input dtype, on random, all-zero, all-one, non-contiguous alphas.
+    import torch.nn.functional as F
+
+    from bimatting_triton.model.decoder import MASK_THRESHOLD, incoherence_mask
+
+    def published(pha):
+        h, w = pha.shape[-2:]
+        support = (pha > 0).float()
+        half = F.interpolate(support, size=(max(h // 2, 1), max(w // 2, 1)), mode="bilinear", align_corners=False)
+        blurred = F.interpolate(half, size=(h, w), mode="bilinear", align_corners=False)
+        return ((support - blurred).abs() >= MASK_THRESHOLD).float()
+
+    torch.manual_seed(0)
+    pha = torch.rand(shape[0], 2, *shape[2:])[:, 1:]  # a channel slice: not contiguous
+    pha[pha < 0.5] = 0
+    for alpha in (pha, torch.zeros(shape), torch.ones(shape)):
+        alpha = alpha.to(dtype)
+        got = incoherence_mask(alpha)
+        assert got.dtype == torch.float32 and torch.equal(got, published(alpha))

@@ -31,9 +31,12 @@ def incoherence_mask(pha_coarse: Tensor) -> Tensor:
     round trip; the published code fails on them.
     """
     h, w = pha_coarse.shape[-2:]
-    support = (pha_coarse > 0).float()
+    # (pha > 0).float() and (|support - blurred| >= threshold).float(), each comparison
+    # written straight into a float32 tensor: the same values, two copy kernels fewer.
+    support = torch.empty(pha_coarse.shape, dtype=torch.float32, device=pha_coarse.device)
+    torch.gt(pha_coarse, 0, out=support)
     blurred = resize(resize(support, (max(h // 2, 1), max(w // 2, 1))), (h, w))
-    return ((support - blurred).abs() >= MASK_THRESHOLD).float()
+    return (support - blurred).abs_().ge_(MASK_THRESHOLD)
 
 
 def pool_source(x: Tensor) -> Tensor:
