@@ -469,8 +469,8 @@ class EpiloguePlan:
 
     ``EpiloguePlan(epilogue, cout, device)`` checks ``epilogue`` (which must leave its
     per-pixel fields ``residual``, ``post_residual``, ``out``, ``mask``, ``addend`` unset)
-    for ``cout`` output channels on ``device`` and builds the kernel's per-channel
-    arguments. Each launch then passes ``plan.bind(residual=..., ...)`` as the epilogue of
+    for ``cout`` output channels on ``device`` (default: ``epilogue.scale``'s; ``'cuda'``
+    means the current CUDA device) and builds the kernel's per-channel arguments. Each launch then passes ``plan.bind(residual=..., ...)`` as the epilogue of
     :func:`binary_conv2d` (or :func:`binary_conv2d_reference`): only the tensors given to
     ``bind`` and the input are checked. The result is the same as with the equivalent
     :class:`Epilogue`. The plan keeps the vectors it was built with (or the copies it made
@@ -480,7 +480,7 @@ class EpiloguePlan:
 
     __slots__ = ("epilogue", "cout", "device", "checked")
 
-    def __init__(self, epilogue: Epilogue, cout: int, device):
+    def __init__(self, epilogue: Epilogue, cout: int, device=None):
         if not isinstance(epilogue, Epilogue):
             raise TypeError(f"epilogue must be an Epilogue, got {type(epilogue).__name__}")
         per_pixel = [f for f in ("residual", "post_residual", "out", "mask", "addend")
@@ -488,7 +488,10 @@ class EpiloguePlan:
         if per_pixel:
             raise ValueError(f"EpiloguePlan: leave {', '.join(per_pixel)} unset (given per launch by bind())")
         self.epilogue = epilogue
-        self.cout, self.device = int(cout), torch.device(device)
+        device = torch.device(device if device is not None else getattr(epilogue.scale, "device", "cpu"))
+        if device.type == "cuda" and device.index is None:  # tensors' devices always carry the index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.cout, self.device = int(cout), device
         c = _check_per_channel(epilogue, self.cout, self.device)
         c.static_flags = dict(HAS_SHIFT=c.shift is not None, HAS_BA=c.bias_a is not None, ACT=_ACT_CODE[c.act],
                               HAS_BB=c.bias_b is not None)

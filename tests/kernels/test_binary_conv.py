@@ -365,7 +365,8 @@ def test_epilogue_plan_errors():
         EpiloguePlan(Epilogue(scale, shift=torch.zeros(7)), 8, "cpu")  # checked when built
     with pytest.raises(ValueError, match="built for 9 output channels on cpu, this launch has 8"):
         binary_conv2d(pa, pw, EpiloguePlan(Epilogue(torch.ones(9)), 9, "cpu").bind())
-    plan = EpiloguePlan(Epilogue(scale), 8, "cpu")
+    plan = EpiloguePlan(Epilogue(scale), 8)  # on the vectors' device
+    assert plan.device == torch.device("cpu")
     with pytest.raises(ValueError, match="epilogue.residual \\(add\\) must have shape"):
         binary_conv2d(pa, pw, plan.bind(residual=torch.randn(1, 8, 2, 2)))  # per-pixel tensors: per launch
     with pytest.raises(ValueError, match="epilogue.out has dtype torch.float16 but out_dtype is torch.float32"):
