@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
             print(p)
         if device.type != "cuda":
             print("note: no CUDA device, so only the plain-PyTorch variants ran; the fused Triton kernels need CUDA.")
+        elif not args.cuda_graph:
+            print("note: eager calls; at T=1 every variant is bound by launching kernels from Python: --cuda-graph "
+                  "times CUDA-graph replays instead (bimatting_triton.CudaGraphStep).")
     return results
 
 
