@@ -228,13 +228,19 @@ EPILOGUE_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(EPILOGUE_CASES))
-def test_fused_epilogue(name):
-    k, s, res, act, cd, out_dtype, method, post, next_bias = EPILOGUE_CASES[name]
+def _epilogue_case(name):
+    """An EPILOGUE_CASES entry's packed input and weight: (n, cout, h, w, ho, wo), pa, pw."""
+    k, s = EPILOGUE_CASES[name][:2]
     n, cin, cout, h, w = 2, 70, 40, 5, 7
     pa = sign_pack(_activations(n, cin, h, w))
     pw = pack_weight(_weights(cout, cin, k), stride=s)
-    ho, wo = pw.output_size(h, w)
+    return (n, cout, h, w, *pw.output_size(h, w)), pa, pw
+
+
+@pytest.mark.parametrize("name", list(EPILOGUE_CASES))
+def test_fused_epilogue(name):
+    _, _, res, act, cd, out_dtype, method, post, next_bias = EPILOGUE_CASES[name]
+    (n, cout, h, w, ho, wo), pa, pw = _epilogue_case(name)
     residual = None
     if res is not None:
         mode, rc = res
@@ -318,11 +324,8 @@ def test_epilogue_plan_launch_equals_the_epilogue(name):
     # An EpiloguePlan (per-channel part checked once) bound per launch computes exactly what the
     # equivalent Epilogue computes: same kernel, same arguments. Also with a single PReLU slope
     # (expanded by the plan), an output buffer, a mask stage, and in the reference.
-    k, s, res, act, cd, out_dtype, method, post, next_bias = EPILOGUE_CASES[name]
-    n, cin, cout, h, w = 2, 70, 40, 5, 7
-    pa = sign_pack(_activations(n, cin, h, w))
-    pw = pack_weight(_weights(cout, cin, k), stride=s)
-    ho, wo = pw.output_size(h, w)
+    _, _, res, act, cd, out_dtype, method, post, next_bias = EPILOGUE_CASES[name]
+    (n, cout, h, w, ho, wo), pa, pw = _epilogue_case(name)
     kw = dict(dtype=cd, device=DEVICE)
     mode, rc = res if res is not None else ("add", cout)
     rh, rw = (h, w) if mode == "avgpool" else (ho, wo)
