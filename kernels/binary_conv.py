@@ -326,8 +326,8 @@ class ConvOutput(NamedTuple):
 class _Prepared:
     """An :class:`Epilogue` checked against the output shape, vectors as (Cout,) compute dtype.
 
-    ``static_flags`` / ``vector_args``: the per-channel kernel arguments when they were
-    built once (an :class:`EpiloguePlan`'s), else None (built at launch)."""
+    ``static_flags`` / ``vector_args``: :func:`channel_flags` / :func:`epilogue_vectors`
+    when they were built once (an :class:`EpiloguePlan`'s), else None (built at launch)."""
 
     scale: Tensor
     shift: Tensor | None
@@ -493,9 +493,7 @@ class EpiloguePlan:
             device = torch.device("cuda", torch.cuda.current_device())
         self.cout, self.device = int(cout), device
         c = _check_per_channel(epilogue, self.cout, self.device)
-        c.static_flags = dict(HAS_SHIFT=c.shift is not None, HAS_BA=c.bias_a is not None, ACT=_ACT_CODE[c.act],
-                              HAS_BB=c.bias_b is not None)
-        c.vector_args = (*epilogue_vectors(c), c.next_bias if c.next_bias is not None else c.scale)
+        c.static_flags, c.vector_args = channel_flags(c), epilogue_vectors(c)
         self.checked = c
 
     def bind(self, residual: Residual | Tensor | None = None, post_residual: Residual | Tensor | None = None,
@@ -957,15 +955,24 @@ def mask_args(mask: Tensor | None, addend: Tensor | None, dummy: Tensor) -> tupl
 
 def epilogue_vectors(p: "_Prepared") -> tuple:
     """The kernel arguments scale, shift, bias_a, slope, bias_b of the float epilogue (absent
-    ones as ``scale``, never read; shared with the sparse kernels)."""
+    ones as ``scale``, never read; shared with the sparse kernels); a plan's, built once."""
+    if p.vector_args is not None:
+        return p.vector_args
     return tuple(v if v is not None else p.scale for v in (p.scale, p.shift, p.bias_a, p.slope, p.bias_b))
 
 
+def channel_flags(p: "_Prepared") -> dict:
+    """The per-channel constexpr flags of the float epilogue (HAS_SHIFT, HAS_BA, ACT, HAS_BB;
+    shared with the sparse kernels); a plan's, built once."""
+    if p.static_flags is not None:
+        return p.static_flags
+    return dict(HAS_SHIFT=p.shift is not None, HAS_BA=p.bias_a is not None, ACT=_ACT_CODE[p.act],
+                HAS_BB=p.bias_b is not None)
+
+
 def epilogue_flags(p: "_Prepared") -> dict:
-    """The constexpr flags of the float epilogue (shared with the sparse kernel)."""
-    flags = p.static_flags or dict(HAS_SHIFT=p.shift is not None, HAS_BA=p.bias_a is not None, ACT=_ACT_CODE[p.act],
-                                   HAS_BB=p.bias_b is not None)
-    return dict(flags, R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
+    """The constexpr flags of the float epilogue, residual modes included (shared with the sparse kernel)."""
+    return dict(channel_flags(p), R1_MODE=_RES_CODE[p.residual.mode if p.residual else None],
                 R2_MODE=_RES_CODE[p.post_residual.mode if p.post_residual else None])
 
 
@@ -1029,7 +1036,7 @@ def binary_conv2d(
         else:
             y = torch.empty((1, 1, 1, 1), dtype=p.out_dtype, device=dev)  # carries the dtype only
         dummy = p.scale
-        vectors = p.vector_args or (*epilogue_vectors(p), p.next_bias if p.next_bias is not None else dummy)
+        vectors = (*epilogue_vectors(p), p.next_bias if p.next_bias is not None else dummy)
         res1 = _residual_args(p.residual, dummy)
         res2 = _residual_args(p.post_residual, dummy)
         margs, aargs, mode = mask_args(p.mask, p.addend, dummy)

@@ -81,6 +81,7 @@ from .binary_conv import (
     apply_mask,
     binary_conv2d,
     binary_conv2d_reference,
+    channel_flags,
     conv_accumulate,
     epilogue_flags,
     epilogue_values,
@@ -681,13 +682,8 @@ def sparse_unit(
         mask = mask.float()
     code = 1 if method == "popcount" else 0
 
-    def flags(pp, suffix):
-        f = pp.static_flags or epilogue_flags(pp)  # (no residuals here: their modes are not needed)
-        return {f"HAS_SHIFT{suffix}": f["HAS_SHIFT"], f"HAS_BA{suffix}": f["HAS_BA"], f"ACT{suffix}": f["ACT"],
-                f"HAS_BB{suffix}": f["HAS_BB"]}
-
-    def vectors(pp):  # scale, shift, bias_a, slope, bias_b (a plan's, built once, start with them)
-        return pp.vector_args[:5] if pp.vector_args else epilogue_vectors(pp)
+    def flags(pp, suffix):  # (no residuals in the pair: only the per-channel flags)
+        return {f"{name}{suffix}": value for name, value in channel_flags(pp).items()}
 
     config = _pair_config(code, cout, x1.words * 32)
     th, tw = tiles.tile
@@ -695,7 +691,7 @@ def sparse_unit(
     compiled = _masked_pair_kernel[grid](
         tiles.flags, tiles.flags.stride(0), tiles.tiles_per_item, tiles.tiles_w, tiles.groups,
         x3.bits, w3.int8 if code == 0 else w3.bits, x1.bits, w1.int8 if code == 0 else w1.bits,
-        h, w, x1.words, cout, *vectors(p3), *vectors(p1),
+        h, w, x1.words, cout, *epilogue_vectors(p3), *epilogue_vectors(p1),
         mask, mask.stride(0), mask.stride(2), mask.stride(3), y, *y.stride(),
         *((h_state, *h_state.stride()) if gru else (y, 0, 0, 0, 0)),
         *((z_gate, *z_gate.stride()) if gru else (y, 0, 0, 0, 0)),
