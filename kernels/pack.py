@@ -217,16 +217,15 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
             if i != len(x) - 1:
                 raise ValueError(f"x[{i}]: a Product may only be the last source")
             _check_activation(t.b, f"x[{i}].b", layout)
-            gate = _as_nchw(t.b, layout)
-            t = t.a
-            _check_activation(t, f"x[{i}].a", layout)
-            if gate.shape != _as_nchw(t, layout).shape or (gate.dtype, gate.device) != (t.dtype, t.device):
+            _check_activation(t.a, f"x[{i}].a", layout)
+            gate, v = _as_nchw(t.b, layout), _as_nchw(t.a, layout)
+            if gate.shape != v.shape or (gate.dtype, gate.device) != (v.dtype, v.device):
                 raise ValueError(f"x[{i}]: Product factors must have the same shape, dtype and device, got "
-                                 f"{tuple(t.shape)} {t.dtype} {t.device} and {tuple(x[i].b.shape)} {gate.dtype} "
+                                 f"{tuple(t.a.shape)} {v.dtype} {v.device} and {tuple(t.b.shape)} {gate.dtype} "
                                  f"{gate.device}")
         else:
             _check_activation(t, f"x[{i}]", layout)
-        v = _as_nchw(t, layout)
+            v = _as_nchw(t, layout)
         if views and (v.dtype, v.device) != (views[0].dtype, views[0].device):
             raise ValueError(f"x[{i}] is {v.dtype} on {v.device}, expected {views[0].dtype} on {views[0].device} "
                              "like x[0]")
