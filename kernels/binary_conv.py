@@ -512,6 +512,11 @@ class BoundEpilogue(NamedTuple):
     mask: Tensor | None
     addend: Tensor | None
 
+    @property
+    def pack(self) -> bool:
+        """Whether the launch packs its output (read like :attr:`Epilogue.pack`)."""
+        return self.plan.checked.pack
+
     def as_epilogue(self) -> Epilogue:
         """The equivalent :class:`Epilogue` (for code that takes only those)."""
         return dataclasses.replace(self.plan.epilogue, residual=self.residual, post_residual=self.post_residual,

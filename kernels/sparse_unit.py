@@ -549,13 +549,9 @@ def sparse_binary_conv2d(
 # The masked unit: dense 1x1 branch + sparse 3x3 branch
 # ----------------------------------------------------------------------------------------
 def _check_unit_epilogue(epi, name: str) -> None:
-    if isinstance(epi, BoundEpilogue):
-        pack = epi.plan.checked.pack
-    elif isinstance(epi, Epilogue):
-        pack = epi.pack
-    else:
+    if not isinstance(epi, (Epilogue, BoundEpilogue)):
         raise TypeError(f"{name} must be an Epilogue (or EpiloguePlan.bind()), got {type(epi).__name__}")
-    if epi.out is not None or epi.mask is not None or epi.addend is not None or pack:
+    if epi.out is not None or epi.mask is not None or epi.addend is not None or epi.pack:
         raise ValueError(f"{name}: out, mask, addend and pack are set by the unit; leave them unset")
 
 
