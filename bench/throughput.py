@@ -18,8 +18,8 @@ B x T frames, carrying the recurrent state as a streaming user does. Reported: m
 and spread of ms per frame, frames/s, peak memory (CUDA: ``max_memory_allocated``;
 CPU: the process's peak RSS so far, which only grows), the first call's time (compilation)
 and fps ratios between variants. ``--cuda-graph`` times CUDA-graph replays of one streaming
-step (``bimatting_triton.CudaGraphStep``) instead of eager calls (at T=1 every variant is launch-bound on a GPU); ``--compile``
-uses ``torch.compile`` on the float variants. The notes column says which was used.
+step (``bimatting_triton.CudaGraphStep``) instead of eager calls (at T=1 every variant is
+launch-bound on a GPU); ``--compile`` uses ``torch.compile`` on the float variants. The notes column says which was used.
 """
 from __future__ import annotations
 

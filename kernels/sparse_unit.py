@@ -635,8 +635,9 @@ def sparse_unit(
     H, W); ``w3`` / ``w1``: 3x3 (padding 1) and 1x1 :class:`PackedWeight` (same Cout, stride 1);
     ``epi3`` / ``epi1``: their epilogues (BN/bias/LB/activation, e.g. the GRU gates'
     ``act='sigmoid'``), without ``out``/``mask``/``addend``/``pack`` (and, with the
-    kernel, without residuals); :class:`Epilogue` s or ``EpiloguePlan.bind()`` s. ``mask``: float (N, 1, H, W), the level's mask; ``tiles``:
-    its :class:`TileList` (``halo=0`` suffices). Returns (N, Cout, H, W) (channels-last)
+    kernel, without residuals); :class:`Epilogue` s or ``EpiloguePlan.bind()`` s.
+    ``mask``: float (N, 1, H, W), the level's mask; ``tiles``: its :class:`TileList`
+    (``halo=0`` suffices). Returns (N, Cout, H, W) (channels-last)
     of ``epi1``'s output dtype: the 1x1 branch everywhere, ``y3 * mask + y1`` on the
     active tiles. One launch (``_masked_pair_kernel``: a program per tile, the 3x3 only
     where the tile's flag is set). Equal to :func:`sparse_unit_reference` wherever
@@ -891,8 +892,8 @@ def sparse_float_conv2d(
     pixels within K//2 of an active tile must hold the conv's real input (build the
     producer's list with ``halo = K//2``); elsewhere any finite values. ``weight``:
     (Cout, Cin, K, K), Cin, Cout <= 128 (read in place if its memory is (K, K, Cin, Cout)
-    contiguous and its dtype x's, else copied so for the launch). ``scale``/``shift``: (Cout,) (folded BatchNorm),
-    float32 or float64: the compute dtype. ``act``: None, 'relu', 'sigmoid', 'tanh'.
+    contiguous and its dtype x's, else copied so for the launch). ``scale``/``shift``:
+    (Cout,) (folded BatchNorm), float32 or float64: the compute dtype. ``act``: None, 'relu', 'sigmoid', 'tanh'.
     ``out``: (N, Cout, H, W), any strides; ``mask`` (N, 1, H, W) and ``addend`` (N, Cout,
     H, W) (may be ``out``) as in :class:`Epilogue`. The dot runs in IEEE float32 (x
     float32/float16) or float64 (x float64). Returns ``out``.
