@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
-from compile_model import pretend_cuda  # noqa: E402  (bench/compile_model.py)
+from compile_model import pretend_cuda, target_only_driver  # noqa: E402  (bench/compile_model.py)
 
 from bimatting_triton import BiMatting, convert  # noqa: E402
 
@@ -80,15 +80,13 @@ def triton_binder(kernel, arch: int = 90):
     function ``JITFunction.run`` calls at every launch (it specialises each argument: dtype,
     16-byte alignment, ints equal to 1) before looking the compiled kernel up and calling the
     driver. It needs no GPU, so its host cost can be timed here; the rest of a launch (cache
-    lookup, grid, the driver call) cannot. None where this Triton does not build binders so."""
+    lookup, grid, the driver call) cannot. Built by the kernel itself (``create_binder``, what
+    its JIT does on a device's first launch) with Triton's driver naming an ``arch`` GPU (as
+    for ``bench/compile_model.py``). None where this Triton does not build binders so."""
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
-
-        return create_function_from_signature(kernel.signature, kernel.params,
-                                              make_backend(GPUTarget("cuda", arch, 32)))
-    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other Triton releases
+        with target_only_driver(arch):
+            return kernel.create_binder()[-1]  # (kernel cache, key cache, target, backend, binder)
+    except (AttributeError, TypeError, IndexError):  # pragma: no cover - other Triton releases
         return None
 
 
