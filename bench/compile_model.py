@@ -12,8 +12,9 @@ on CUDA (``triton_can_run``/``interpreting``/``hardware_popcount`` patched) and 
 with Triton's driver told that the device is a GPU of ``--arch``, then runs ``ptxas -v`` on
 the result. Nothing is executed: outputs are left uninitialised, which the model's Python
 never branches on. The compiled kernels land in Triton's cache under the keys the JIT uses,
-so ``TRITON_CACHE_DIR=DIR`` here fills a cache that a GPU machine with the same Triton build
-reads instead of compiling (``bench/prebuild_triton_cache.sh``).
+with each key's parts beside them, so ``TRITON_CACHE_DIR=DIR`` here fills a cache that a GPU
+machine with the same Triton release reads instead of compiling, once
+``bench/triton_cache_archive.py`` has moved it there (``bench/prebuild_triton_cache.sh``).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from triton.runtime.driver import driver  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
+from triton_cache_archive import recording_keys, write_sidecar  # noqa: E402
 
 from bimatting_triton import BiMatting, convert  # noqa: E402
 from bimatting_triton.kernels import _common, binary_conv, pack, sparse_unit  # noqa: E402
@@ -120,8 +122,9 @@ class Recorder:
                 if k in kwargs}
         start = time.perf_counter()
         try:
-            with target_only_driver(self.arch):
+            with target_only_driver(self.arch), recording_keys() as keys:
                 compiled = self.fn.warmup(*args, grid=grid, **kwargs)
+            write_sidecar(compiled, keys)  # the key's parts, for another build of this Triton
             error = None
         except Exception as exc:  # reported: a specialisation that does not compile is a bug
             compiled, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

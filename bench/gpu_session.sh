@@ -21,8 +21,9 @@ export PYTHONUNBUFFERED=1
 # and prebuilt ones are used where they match (bench/prebuild_triton_cache.sh; carry the archive).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
 mkdir -p "$TRITON_CACHE_DIR"
-[ -f .gpu-triton-cache.tar.xz ] && python -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
-  .gpu-triton-cache.tar.xz "$TRITON_CACHE_DIR"  # (Python's tarfile: the image may have no xz tool)
+# (renamed to this Triton build's keys, with the file lists pointed at this cache directory)
+[ -f .gpu-triton-cache.tar.xz ] && python bench/triton_cache_archive.py unpack .gpu-triton-cache.tar.xz \
+  "$TRITON_CACHE_DIR" > "$out/prebuilt.log" 2>&1
 cached() { ls "$TRITON_CACHE_DIR" | wc -l; }
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
@@ -45,6 +46,7 @@ run() {
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   > "$out/setup.log" 2>&1
 echo "Triton cache: $(cached) entries before the first step (prebuilt ones included)" >> "$out/setup.log"
+[ -f "$out/prebuilt.log" ] && cat "$out/prebuilt.log" >> "$out/setup.log"
 cat "$out/setup.log"
 python -m pip install -q --no-deps --no-build-isolation -e . >> "$out/setup.log" 2>&1 \
   && (cd /tmp && python -c "import bimatting_triton.kernels") >> "$out/setup.log" 2>&1 \

@@ -5,6 +5,7 @@ The interpreter that runs the kernel tests on CPU skips Triton's compiler, so a 
 pass them and still fail to compile for a GPU (it happened on triton 3.6: a float64
 ``tl.dot`` rejected at compile time). This compiles what the model really launches.
 """
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "compile_model.py")
+ARCHIVE = os.path.join(os.path.dirname(SCRIPT), "triton_cache_archive.py")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -30,19 +32,69 @@ def test_every_launched_specialisation_compiles_without_spills(dtype):
             "_compact_kernel", "_sparse_float_conv_kernel"} <= kernels
 
 
-def test_compiled_kernels_are_found_in_triton_cache(tmp_path):
+# Runs a script as another build of the same Triton release would: the same triton_key()
+# but for the hash of its compiled library (as Triton 3.6.0 for Python 3.12 is to the one for
+# Python 3.11: see bench/triton_cache_archive.py).
+OTHER_BUILD = """
+import runpy, sys
+import triton.runtime.cache as cache
+sys.path.insert(0, {bench!r})
+import triton_cache_archive as archive
+real_key, real_lib = cache.triton_key(), archive.libtriton_hash()
+cache.triton_key = lambda: real_key.replace(real_lib, "f" * 64)
+archive.libtriton_hash = lambda: "f" * 64
+sys.argv = sys.argv[1:]
+if sys.argv[0].endswith("triton_cache_archive.py"):
+    archive.main(sys.argv[1:])  # (its patched module: runpy would load a second copy)
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_prebuilt_kernels_are_found_in_another_cache_dir_and_triton_build(tmp_path):
     # compile_model compiles through the kernels' own warmup (Triton's JIT path), so what it
-    # writes to TRITON_CACHE_DIR is what Triton looks up at launch: a second process finds
-    # every specialisation there and compiles nothing (bench/prebuild_triton_cache.sh relies
-    # on this to spare a GPU machine the compilation).
+    # writes to TRITON_CACHE_DIR is what Triton looks up at launch; packed, carried and
+    # unpacked into another directory (bench/prebuild_triton_cache.sh -> gpu_session.sh),
+    # and under another build of the same Triton, every specialisation is found there and
+    # nothing is compiled again.
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    runs = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, SCRIPT, "--size", "64x48@1", "--check"], capture_output=True,
-                              text=True, env=env, timeout=900)
+    other_build = tmp_path / "other_build.py"
+    other_build.write_text(OTHER_BUILD.format(bench=os.path.dirname(SCRIPT)))
+
+    def run(cache_dir, *args, build=()):
+        done = subprocess.run([sys.executable, *build, *args], capture_output=True, text=True, timeout=900,
+                              env={**env, "TRITON_CACHE_DIR": str(cache_dir)})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        runs.append((sorted(os.listdir(tmp_path)), done.stdout.strip().splitlines()[-1]))
-    (first, summary), (second, _) = runs
+        return done.stdout.strip().splitlines()[-1]
+
+    built, archive = tmp_path / "built", tmp_path / "kernels.tar.xz"
+    summary = run(built, SCRIPT, "--size", "64x48@1", "--check")
     count = int(summary.split()[0])  # "N specialisations, ..."
-    assert len(first) == count > 10 and second == first  # one entry each, none added by the second run
+    entries = sorted(os.listdir(built))
+    assert len(entries) == count > 10
+    assert all(os.path.exists(built / e / "bimatting-key.json") for e in entries)
+    run(built, ARCHIVE, "pack", str(built), str(archive))
+
+    for name, build, expected in (("same", (), f"{count} as built, 0 under"),
+                                  ("other", (str(other_build),), f"0 as built, {count} under")):
+        cache_dir = tmp_path / name
+        assert expected in run(cache_dir, *build, ARCHIVE, "unpack", str(archive), str(cache_dir))
+        unpacked = sorted(os.listdir(cache_dir))
+        assert (unpacked == entries) == (name == "same") and len(unpacked) == count
+        groups = [json.loads(g.read_text()) for g in cache_dir.glob("*/__grp__*.json")]
+        assert len(groups) == count and all(p.startswith(str(cache_dir / "")) and os.path.exists(p)
+                                            for g in groups for p in g["child_paths"].values())
+        run(cache_dir, *build, SCRIPT, "--size", "64x48@1", "--check")
+        assert sorted(os.listdir(cache_dir)) == unpacked  # every launch found its kernel: none added
+
+
+def test_only_the_library_hash_may_differ_between_triton_builds():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    from triton_cache_archive import rebuilt_triton_key
+    recorded = dict(triton_key="3.6.0aaa-bbb-LIB-ccc", libtriton="LIB")
+    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-LIB-ccc", "LIB") == "3.6.0aaa-bbb-LIB-ccc"
+    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-OTHER-ccc", "OTHER") == "3.6.0aaa-bbb-OTHER-ccc"
+    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-OTHER-ccd", "OTHER") is None  # a Python file differs
+    assert rebuilt_triton_key(recorded, "3.7.0aaa-bbb-OTHER-ccc", "OTHER") is None  # another release
+    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-OTHER-ccc", "THIRD") is None  # not the local library
+    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-ccc", "LIB") is None
