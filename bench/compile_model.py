@@ -189,6 +189,25 @@ def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90, floa
     return list(results.values())
 
 
+def compile_bench_kernels(arch: int = 90) -> list[dict]:
+    """Every distinct specialisation that ``bench/kernels.py`` launches at its frame size
+    (``BIMATTING_BENCH_SIZE``, default HD@0.25) with the default tiles: the packed convs
+    (``packed-dot``), their inputs' ``sign_pack`` and the masked units (tile lists and
+    ``sparse_unit``); not the autotuned or popcount variants. One dict per specialisation."""
+    import kernels as bench_kernels  # bench/kernels.py
+
+    results: dict = {}
+    with torch.inference_mode(), pretend_cuda(arch, results):
+        for shape in bench_kernels.layer_shapes(bench_kernels.DEFAULT_SIZE):
+            _, packed_x, packed_w, epilogue, _, _ = bench_kernels._inputs(shape, device="cpu")
+            binary_conv.binary_conv2d(packed_x, packed_w, epilogue, method="dot")
+        for unit in bench_kernels.unit_shapes(bench_kernels.DEFAULT_SIZE):
+            for density in (0.3, 1.0):
+                args, _ = bench_kernels._unit_inputs(unit, density, device="cpu")
+                sparse_unit.sparse_unit(*args)
+    return list(results.values())
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
@@ -197,11 +216,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--float64", action="store_true", help="the model in float64 (the exactness tests' dtype)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), default=None,
                         help="the model's dtype (default float32; --float64 is --dtype float64)")
+    parser.add_argument("--bench-kernels", action="store_true",
+                        help="instead of the model, what bench/kernels.py launches (packed-dot, masked units; "
+                             "its size from BIMATTING_BENCH_SIZE)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if a specialisation fails to compile or spills")
     args = parser.parse_args(argv)
-    rows = compile_model(args.size, args.frames, args.arch, args.float64,
-                         getattr(torch, args.dtype) if args.dtype else None)
+    if args.bench_kernels:
+        rows = compile_bench_kernels(args.arch)
+    else:
+        rows = compile_model(args.size, args.frames, args.arch, args.float64,
+                             getattr(torch, args.dtype) if args.dtype else None)
     print(f"{'kernel':<26} {'tile':<44} {'w,s':>5} {'launches':>8} {'regs':>5} {'spill st/ld':>12} "
           f"{'compile s':>9}")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["tile"]))):
@@ -215,9 +240,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     failed = [r for r in rows if r["error"]]
     spilled = [r for r in rows if not r["error"] and (r["spill_stores"] or r["spill_loads"])]
     total = sum(r["compile_s"] for r in rows)
-    print(f"{len(rows)} specialisations, {sum(r['launches'] for r in rows)} launches in two calls; "
-          f"compiled in {total:.1f} s here (triton {triton.__version__}, one process, cold cache needs "
-          f"TRITON_CACHE_DIR empty); {len(failed)} failed, {len(spilled)} spill")
+    launches = f"{sum(r['launches'] for r in rows)} launches" + ("" if args.bench_kernels else " in two calls")
+    print(f"{len(rows)} specialisations, {launches}; compiled in {total:.1f} s here (triton {triton.__version__}, "
+          f"one process, cold cache needs TRITON_CACHE_DIR empty); {len(failed)} failed, {len(spilled)} spill")
     if args.check and (failed or spilled):
         sys.exit(1)
     return rows

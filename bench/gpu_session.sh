@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one call (see the device tool):
 #   bash bench/gpu_session.sh [STEP ...]   # outputs under $OUT (or ./gpu-results)
-# STEPs (default: all, in this order): host tests throughput graphs profile kernels sparse.
-# All of them take longer than one call's 10 minutes on a cold machine: split them over two
-# calls (e.g. `tests throughput` then `graphs profile kernels sparse`).
+# STEPs (default: all, most wanted first): throughput graphs kernels tests profile sparse host.
+# A session's device time (15 minutes, the machine's start included) allows one call of at
+# most 10 minutes: every step has its own time limit and the whole script keeps inside BUDGET_S
+# seconds (default 540), skipping what no longer fits, so the call always returns what was
+# measured (each step's log under $OUT). With the kernels prebuilt (prebuild_triton_cache.sh,
+# carried as .gpu-triton-cache.tar.xz) the fused steps start at once; without, their first
+# calls compile for minutes and the later steps are skipped.
 # The GPU image has torch + triton but no PyAV, so the package is installed without its
-# dependencies and only the GPU-relevant tests run. Every step has its own time limit and
-# the whole script keeps inside BUDGET_S seconds (default 540), so one device call (10 min
-# at most) always returns what was measured. Record the figures in bench/RESULTS.md with the
-# device name and date.
+# dependencies and only the GPU-relevant tests run. Record the figures in bench/RESULTS.md
+# with the device name and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -27,7 +29,7 @@ mkdir -p "$TRITON_CACHE_DIR"
 cached() { ls "$TRITON_CACHE_DIR" | wc -l; }
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(host tests throughput graphs profile kernels sparse)
+[ ${#steps[@]} -eq 0 ] && steps=(throughput graphs kernels tests profile sparse host)
 
 # run STEP_LIMIT_S LOG CMD...: run with the smaller of its own limit and what is left.
 run() {
@@ -58,20 +60,21 @@ for step in "${steps[@]}"; do
       run 60 host.txt python bench/host_overhead.py
       cat "$out/host.txt" ;;
     tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
-      run 120 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
+      run 110 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
         --tb=short -rfE \
         tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py \
         tests/test_cuda_graph.py
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
-    kernels)
-      run 90 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-3x3s1 or unit}" --benchmark-json "$out/kernels.json"
+    kernels)  # packed conv (default tile) and masked units against cuDNN fp16; the autotuned and
+      # popcount variants (not prebuilt: minutes of compiling) with KERNELS_K=...
+      run 80 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-not autotuned and not popcount}" --benchmark-json "$out/kernels.json"
       grep -A60 "^median µs per call" "$out/kernels.txt" | cut -c1-160 ;;
     throughput)  # all variants side by side in one run (the ratios need that); progress lines
       # ("  variant setting: ms/frame") reach the log as each measurement ends, even on a timeout
-      run 300 throughput.txt python bench/throughput.py
+      run 240 throughput.txt python bench/throughput.py
       grep -v "^  " "$out/throughput.txt" | tail -45 ;;
     graphs)  # T=1 streaming is launch-bound: CUDA-graph replays (CudaGraphStep), fused vs RVM fp16
-      run 150 throughput_graphs.txt python bench/throughput.py --cuda-graph --frames 1,8 \
+      run 100 throughput_graphs.txt python bench/throughput.py --cuda-graph --frames 1,8 \
         --variants bimatting-fused,bimatting-fused-fp16,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
       grep -v "^  " "$out/throughput_graphs.txt" | tail -12 ;;
     profile)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile, here and without a GPU, every Triton kernel the GPU session's benchmarks launch
-# (bench/gpu_session.sh: throughput, graphs, profile), for an H100 (sm_90), and pack Triton's
-# cache for the device tool's `carry`:
+# (bench/gpu_session.sh: throughput, graphs, profile, kernels), for an H100 (sm_90), and pack
+# Triton's cache for the device tool's `carry` (PYTHON needs torch, triton and pytest):
 #   PYTHON=/path/to/python bash bench/prebuild_triton_cache.sh      # -> .gpu-triton-cache.tar.xz
 # bench/compile_model.py compiles each launch through the kernel's own `warmup` (Triton's JIT
 # path) and records each key's parts; gpu_session.sh unpacks the archive into its
@@ -28,5 +28,8 @@ for dtype in ${DTYPES:-float32 float16}; do
     done
   done
 done
+printf 'bench/kernels.py (packed-dot, masked units): '
+env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
+  "$py" bench/compile_model.py --bench-kernels | tail -1
 "$py" bench/triton_cache_archive.py pack "$dir" .gpu-triton-cache.tar.xz  # (written whole, then renamed)
 du -h .gpu-triton-cache.tar.xz

@@ -32,6 +32,18 @@ def test_every_launched_specialisation_compiles_without_spills(dtype):
             "_compact_kernel", "_sparse_float_conv_kernel"} <= kernels
 
 
+def test_bench_kernels_launches_compile(tmp_path):
+    # what bench/kernels.py launches on a GPU (prebuilt for gpu_session.sh's kernels step)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(BIMATTING_BENCH_SIZE="64x48@1", TRITON_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, SCRIPT, "--bench-kernels", "--check"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "0 failed, 0 spill" in done.stdout.strip().splitlines()[-1]
+    kernels = {line.split()[0] for line in done.stdout.splitlines()[1:-1]}
+    assert {"_binary_conv_kernel", "_masked_pair_kernel", "_sign_pack_kernel", "_tile_flags_kernel"} <= kernels
+
+
 # Runs a script as another build of the same Triton release would: the same triton_key()
 # but for the hash of its compiled library (as Triton 3.6.0 for Python 3.12 is to the one for
 # Python 3.11: see bench/triton_cache_archive.py).
