@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}  # the GPU image's python3 holds torch and triton
 # The golden data: ../shared does not travel to the device machine; carry a copy as
 # .gpu-shared/reference (cp -r ../shared/reference .gpu-shared/, carry=[".gpu-shared"]).
 [ -d .gpu-shared/reference ] && export BIMATTING_REFERENCE_DIR="$PWD/.gpu-shared/reference"
@@ -24,7 +25,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/triton-cache}"
 mkdir -p "$TRITON_CACHE_DIR"
 # (renamed to this Triton build's keys, with the file lists pointed at this cache directory)
-[ -f .gpu-triton-cache.tar.xz ] && python bench/triton_cache_archive.py unpack .gpu-triton-cache.tar.xz \
+[ -f .gpu-triton-cache.tar.xz ] && "$py" bench/triton_cache_archive.py unpack .gpu-triton-cache.tar.xz \
   "$TRITON_CACHE_DIR" > "$out/prebuilt.log" 2>&1
 cached() { ls "$TRITON_CACHE_DIR" | wc -l; }
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
@@ -45,43 +46,43 @@ run() {
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   > "$out/setup.log" 2>&1
 echo "Triton cache: $(cached) entries before the first step (prebuilt ones included)" >> "$out/setup.log"
 [ -f "$out/prebuilt.log" ] && cat "$out/prebuilt.log" >> "$out/setup.log"
 cat "$out/setup.log"
-python -m pip install -q --no-deps --no-build-isolation -e . >> "$out/setup.log" 2>&1 \
-  && (cd /tmp && python -c "import bimatting_triton.kernels") >> "$out/setup.log" 2>&1 \
+"$py" -m pip install -q --no-deps --no-build-isolation -e . >> "$out/setup.log" 2>&1 \
+  && (cd /tmp && "$py" -c "import bimatting_triton.kernels") >> "$out/setup.log" 2>&1 \
   || { cat "$out/setup.log"; exit 1; }
 
 for step in "${steps[@]}"; do
   case $step in
     host)  # this machine's CPU: launches and host time per fused call (no GPU work; compare with RESULTS.md)
-      run 60 host.txt python bench/host_overhead.py
+      run 60 host.txt "$py" bench/host_overhead.py
       cat "$out/host.txt" ;;
     tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
-      run 110 tests.log env BIMATTING_TEST_CUDA=1 python -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
+      run 110 tests.log env BIMATTING_TEST_CUDA=1 "$py" -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
         --tb=short -rfE \
         tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py \
         tests/test_cuda_graph.py
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
     kernels)  # packed conv (default tile) and masked units against cuDNN fp16; the autotuned and
       # popcount variants (not prebuilt: minutes of compiling) with KERNELS_K=...
-      run 80 kernels.txt python bench/kernels.py -- -k "${KERNELS_K:-not autotuned and not popcount}" --benchmark-json "$out/kernels.json"
+      run 80 kernels.txt "$py" bench/kernels.py -- -k "${KERNELS_K:-not autotuned and not popcount}" --benchmark-json "$out/kernels.json"
       grep -A60 "^median µs per call" "$out/kernels.txt" | cut -c1-160 ;;
     throughput)  # all variants side by side in one run (the ratios need that); progress lines
       # ("  variant setting: ms/frame") reach the log as each measurement ends, even on a timeout
-      run 240 throughput.txt python bench/throughput.py
+      run 240 throughput.txt "$py" bench/throughput.py
       grep -v "^  " "$out/throughput.txt" | tail -45 ;;
     graphs)  # T=1 streaming is launch-bound: CUDA-graph replays (CudaGraphStep), fused vs RVM fp16
-      run 100 throughput_graphs.txt python bench/throughput.py --cuda-graph --frames 1,8 \
+      run 100 throughput_graphs.txt "$py" bench/throughput.py --cuda-graph --frames 1,8 \
         --variants bimatting-fused,bimatting-fused-fp16,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
       grep -v "^  " "$out/throughput_graphs.txt" | tail -12 ;;
     profile)
-      run 70 profile.txt python bench/throughput.py --sizes 512x288@1 --frames 1 --variants bimatting-fused --profile
+      run 70 profile.txt "$py" bench/throughput.py --sizes 512x288@1 --frames 1 --variants bimatting-fused --profile
       grep -B2 -A40 "^\[bimatting-fused\] stage" "$out/profile.txt" | cut -c1-160 | head -45 ;;
     sparse)
-      run 90 sparse.txt python bench/sparse.py ;;
+      run 90 sparse.txt "$py" bench/sparse.py ;;
     *) echo "unknown step $step" ;;
   esac
 done
