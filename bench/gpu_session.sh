@@ -28,6 +28,8 @@ mkdir -p "$TRITON_CACHE_DIR"
 [ -f .gpu-triton-cache.tar.xz ] && "$py" bench/triton_cache_archive.py unpack .gpu-triton-cache.tar.xz \
   "$TRITON_CACHE_DIR" > "$out/prebuilt.log" 2>&1
 cached() { ls "$TRITON_CACHE_DIR" | wc -l; }
+# (prebuild_triton_cache.sh compiles what these launch beforehand)
+GPU_TESTS="tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py tests/test_cuda_graph.py"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(throughput graphs kernels tests profile sparse host)
@@ -63,8 +65,7 @@ for step in "${steps[@]}"; do
     tests)  # the CPU suite's kernel tests, compiled for the GPU (pytest-xdist and -timeout are in the image)
       run 110 tests.log env BIMATTING_TEST_CUDA=1 "$py" -m pytest -q -p no:cacheprovider -n 8 --timeout 100 \
         --tb=short -rfE \
-        tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py \
-        tests/test_cuda_graph.py
+        $GPU_TESTS
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | cut -c1-200 | tail -25 ;;
     kernels)  # packed conv (default tile) and masked units against cuDNN fp16; the autotuned and
       # popcount variants (not prebuilt: minutes of compiling) with KERNELS_K=...

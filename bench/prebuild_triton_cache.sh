@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile, here and without a GPU, every Triton kernel the GPU session's benchmarks launch
-# (bench/gpu_session.sh: throughput, graphs, profile, kernels), for an H100 (sm_90), and pack
+# (bench/gpu_session.sh: throughput, graphs, profile, kernels, tests), for an H100 (sm_90), and pack
 # Triton's cache for the device tool's `carry` (PYTHON needs torch, triton and pytest):
 #   PYTHON=/path/to/python bash bench/prebuild_triton_cache.sh      # -> .gpu-triton-cache.tar.xz
 # bench/compile_model.py compiles each launch through the kernel's own `warmup` (Triton's JIT
@@ -14,6 +14,8 @@
 # SIZES / FRAMES / DTYPES override what is compiled; ~6 minutes on 2 cores for the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the test files of gpu_session.sh's tests step
+GPU_TESTS=$(sed -n 's/^GPU_TESTS="\(.*\)"$/\1/p' bench/gpu_session.sh)
 py=${PYTHON:-python}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
@@ -31,5 +33,8 @@ done
 printf 'bench/kernels.py (packed-dot, masked units): '
 env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
   "$py" bench/compile_model.py --bench-kernels | tail -1
+printf 'GPU tests (gpu_session.sh tests): '
+env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" BIMATTING_TEST_CUDA=1 PYTHONPATH=bench \
+  "$py" -m pytest -q -p no:cacheprovider -p prebuild_test_kernels $GPU_TESTS 2>&1 | grep "^prebuild_test_kernels" || true
 "$py" bench/triton_cache_archive.py pack "$dir" .gpu-triton-cache.tar.xz  # (written whole, then renamed)
 du -h .gpu-triton-cache.tar.xz
