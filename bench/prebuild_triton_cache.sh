@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compile, here and without a GPU, every Triton kernel the GPU session's benchmarks launch
-# (bench/gpu_session.sh: throughput, graphs, profile, kernels, tests), for an H100 (sm_90), and pack
-# Triton's cache for the device tool's `carry` (PYTHON needs torch, triton and pytest):
+# Compile, here and without a GPU, every Triton kernel that the GPU session's steps launch
+# (bench/gpu_session.sh: throughput, graphs, profile, kernels, tests), for an H100 or H200
+# (sm_90), and pack Triton's cache for the device tool's `carry` (PYTHON needs torch, triton,
+# pytest and, for triton 3.6's interpreter, numpy < 2.3):
 #   PYTHON=/path/to/python bash bench/prebuild_triton_cache.sh      # -> .gpu-triton-cache.tar.xz
 # bench/compile_model.py compiles each launch through the kernel's own `warmup` (Triton's JIT
 # path) and records each key's parts; gpu_session.sh unpacks the archive into its
@@ -11,11 +12,14 @@
 # GPU image's Triton release (3.6.0); a build of it for another Python version is fine (only
 # its library's hash differs: the archive is rekeyed there). With another release the archive
 # is not used (gpu_session.sh prints how many prebuilt kernels it could use).
-# SIZES / FRAMES / DTYPES override what is compiled; ~6 minutes on 2 cores for the default.
+# SIZES / FRAMES / DTYPES override what the model's part compiles; TESTS=0 leaves the tests'
+# kernels out (bench/prebuild_test_kernels.py: they run in Triton's interpreter too, to reach
+# all their launches). About 7 minutes on 2 cores for the model and benchmarks, then ~20 for
+# the tests (472 specialisations): start it early.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the test files of gpu_session.sh's tests step
-GPU_TESTS=$(sed -n 's/^GPU_TESTS="\(.*\)"$/\1/p' bench/gpu_session.sh)
+# the test files of gpu_session.sh's tests step (GPU_TESTS=... to compile fewer)
+GPU_TESTS=${GPU_TESTS:-$(sed -n 's/^GPU_TESTS="\(.*\)"$/\1/p' bench/gpu_session.sh)}
 py=${PYTHON:-python}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
@@ -33,8 +37,11 @@ done
 printf 'bench/kernels.py (packed-dot, masked units): '
 env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
   "$py" bench/compile_model.py --bench-kernels | tail -1
-printf 'GPU tests (gpu_session.sh tests): '
-env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" BIMATTING_TEST_CUDA=1 PYTHONPATH=bench \
-  "$py" -m pytest -q -p no:cacheprovider -p prebuild_test_kernels $GPU_TESTS 2>&1 | grep "^prebuild_test_kernels" || true
+if [ "${TESTS:-1}" != 0 ]; then
+  printf 'GPU tests (gpu_session.sh tests): '
+  env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" BIMATTING_TEST_CUDA=1 PYTHONPATH=bench \
+    "$py" -m pytest -q -p no:cacheprovider -p no:warnings -p prebuild_test_kernels $GPU_TESTS 2>&1 \
+    | grep -E "^prebuild_test_kernels|passed|failed" || true
+fi
 "$py" bench/triton_cache_archive.py pack "$dir" .gpu-triton-cache.tar.xz  # (written whole, then renamed)
 du -h .gpu-triton-cache.tar.xz

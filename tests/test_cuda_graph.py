@@ -104,6 +104,7 @@ def test_segmentation_pass_and_other_models(model, fake_graphs):
 
 def test_convert_video_through_the_step(model, fake_graphs, tmp_path):
     # convert_video takes the step as its model: same matte as the model itself.
+    pytest.importorskip("av", reason="PyAV (a dependency, absent from the GPU image where this file also runs)")
     from bimatting_triton.video import convert_video
 
     from video_utils import make_video, read_png
