@@ -32,18 +32,6 @@ def test_every_launched_specialisation_compiles_without_spills(dtype):
             "_compact_kernel", "_sparse_float_conv_kernel"} <= kernels
 
 
-def test_bench_kernels_launches_compile(tmp_path):
-    # what bench/kernels.py launches on a GPU (prebuilt for gpu_session.sh's kernels step)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(BIMATTING_BENCH_SIZE="64x48@1", TRITON_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, SCRIPT, "--bench-kernels", "--check"], capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "0 failed, 0 spill" in done.stdout.strip().splitlines()[-1]
-    kernels = {line.split()[0] for line in done.stdout.splitlines()[1:-1]}
-    assert {"_binary_conv_kernel", "_masked_pair_kernel", "_sign_pack_kernel", "_tile_flags_kernel"} <= kernels
-
-
 # Runs a script as another build of the same Triton release would: the same triton_key()
 # but for the hash of its compiled library (as Triton 3.6.0 for Python 3.12 is to the one for
 # Python 3.11: see bench/triton_cache_archive.py).
@@ -68,8 +56,10 @@ def test_prebuilt_kernels_are_found_in_another_cache_dir_and_triton_build(tmp_pa
     # writes to TRITON_CACHE_DIR is what Triton looks up at launch; packed, carried and
     # unpacked into another directory (bench/prebuild_triton_cache.sh -> gpu_session.sh),
     # and under another build of the same Triton, every specialisation is found there and
-    # nothing is compiled again.
+    # nothing is compiled again. The launches: what bench/kernels.py launches on a GPU
+    # (--bench-kernels, at a small size), which this also checks compiles without spills.
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["BIMATTING_BENCH_SIZE"] = "64x48@1"
     other_build = tmp_path / "other_build.py"
     other_build.write_text(OTHER_BUILD.format(bench=os.path.dirname(SCRIPT)))
 
@@ -77,11 +67,14 @@ def test_prebuilt_kernels_are_found_in_another_cache_dir_and_triton_build(tmp_pa
         done = subprocess.run([sys.executable, *build, *args], capture_output=True, text=True, timeout=900,
                               env={**env, "TRITON_CACHE_DIR": str(cache_dir)})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout.strip().splitlines()[-1]
+        return done.stdout.strip().splitlines()
 
     built, archive = tmp_path / "built", tmp_path / "kernels.tar.xz"
-    summary = run(built, SCRIPT, "--size", "64x48@1", "--check")
-    count = int(summary.split()[0])  # "N specialisations, ..."
+    lines = run(built, SCRIPT, "--bench-kernels", "--check")
+    assert "0 failed, 0 spill" in lines[-1]
+    assert {"_binary_conv_kernel", "_masked_pair_kernel", "_sign_pack_kernel", "_tile_flags_kernel"} <= {
+        line.split()[0] for line in lines[1:-1]}
+    count = int(lines[-1].split()[0])  # "N specialisations, ..."
     entries = sorted(os.listdir(built))
     assert len(entries) == count > 10
     assert all(os.path.exists(built / e / "bimatting-key.json") for e in entries)
@@ -90,13 +83,13 @@ def test_prebuilt_kernels_are_found_in_another_cache_dir_and_triton_build(tmp_pa
     for name, build, expected in (("same", (), f"{count} as built, 0 under"),
                                   ("other", (str(other_build),), f"0 as built, {count} under")):
         cache_dir = tmp_path / name
-        assert expected in run(cache_dir, *build, ARCHIVE, "unpack", str(archive), str(cache_dir))
+        assert expected in run(cache_dir, *build, ARCHIVE, "unpack", str(archive), str(cache_dir))[-1]
         unpacked = sorted(os.listdir(cache_dir))
         assert (unpacked == entries) == (name == "same") and len(unpacked) == count
         groups = [json.loads(g.read_text()) for g in cache_dir.glob("*/__grp__*.json")]
         assert len(groups) == count and all(p.startswith(str(cache_dir / "")) and os.path.exists(p)
                                             for g in groups for p in g["child_paths"].values())
-        run(cache_dir, *build, SCRIPT, "--size", "64x48@1", "--check")
+        run(cache_dir, *build, SCRIPT, "--bench-kernels", "--check")
         assert sorted(os.listdir(cache_dir)) == unpacked  # every launch found its kernel: none added
 
 
