@@ -4,6 +4,9 @@
 # (sm_90), and pack Triton's cache for the device tool's `carry` (PYTHON needs torch, triton,
 # pytest and, for triton 3.6's interpreter, numpy < 2.3):
 #   PYTHON=/path/to/python bash bench/prebuild_triton_cache.sh      # -> .gpu-triton-cache.tar.xz
+# Such a PYTHON on the CPU machine (torch's CPU build does not pin a Triton):
+#   python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 pytest \
+#     pytest-benchmark 'numpy<2.3' && /tmp/t36/bin/pip install --no-deps -e .
 # bench/compile_model.py compiles each launch through the kernel's own `warmup` (Triton's JIT
 # path) and records each key's parts; gpu_session.sh unpacks the archive into its
 # TRITON_CACHE_DIR with bench/triton_cache_archive.py, which renames the entries to the keys
