@@ -36,6 +36,7 @@ import tempfile
 import triton
 import triton.compiler.compiler as triton_compiler
 import triton.runtime.cache as triton_cache
+from triton.backends.compiler import GPUTarget
 
 SIDECAR = "bimatting-key.json"  # beside Triton's files in an entry; Triton ignores it
 
@@ -68,9 +69,11 @@ def recording_keys():
         key = original(src, backend, options, env_vars)
         prefix = triton_cache.triton_key() + "-"
         if key.startswith(prefix):  # (else: a Triton whose key we do not know how to rebuild)
+            target = backend.target
             keys[hashlib.sha256(key.encode("utf-8")).hexdigest()] = dict(
                 triton_key=prefix[:-1], rest=key[len(prefix):], libtriton=libtriton_hash(),
-                env_vars=str(sorted(env_vars.items())))
+                env_vars=str(sorted(env_vars.items())), backend=backend.hash(),
+                target=[target.backend, target.arch, target.warp_size])
         return key
 
     triton_compiler.get_cache_key = get_cache_key
@@ -119,17 +122,23 @@ def rebuilt_triton_key(recorded: dict, local_key: str, local_libtriton: str) -> 
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def backend_hash(backend: str, arch: int, warp_size: int) -> str:
+    """This Triton's compiler backend hash for a target (for CUDA: its ptxas version and arch)."""
+    return triton_compiler.make_backend(GPUTarget(backend, arch, warp_size)).hash()
+
+
 def unpack(archive: str, cache_dir: str, local_key: str | None = None, local_libtriton: str | None = None,
-           local_env_vars: str | None = None) -> dict:
+           local_env_vars: str | None = None, local_backend_hash=backend_hash) -> dict:
     """Extract ``archive`` into ``cache_dir`` under the names this Triton looks up; the
     ``local_*`` arguments default to this machine's (tests pass others). Returns counts:
-    ``{'entries', 'as_is', 'rekeyed', 'other_triton', 'other_env', 'no_key'}``; entries
-    without a recorded key are extracted as they are (``no_key``)."""
+    ``{'entries', 'as_is', 'rekeyed', 'other_triton', 'other_env', 'other_backend', 'no_key'}``;
+    entries without a recorded key are extracted as they are (``no_key``)."""
     local_key = local_key if local_key is not None else triton_cache.triton_key()
     local_libtriton = local_libtriton if local_libtriton is not None else libtriton_hash()
     if local_env_vars is None:
         local_env_vars = str(sorted(triton_compiler.get_cache_invalidating_env_vars().items()))
-    counts = dict(entries=0, as_is=0, rekeyed=0, other_triton=0, other_env=0, no_key=0)
+    counts = dict(entries=0, as_is=0, rekeyed=0, other_triton=0, other_env=0, other_backend=0, no_key=0)
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".unpack-") as staging:
         with tarfile.open(archive) as tar:
@@ -145,6 +154,9 @@ def unpack(archive: str, cache_dir: str, local_key: str | None = None, local_lib
                     recorded = json.load(f)
                 if recorded["env_vars"] != local_env_vars:
                     counts["other_env"] += 1
+                    continue
+                if recorded["backend"] != local_backend_hash(*recorded["target"]):  # another ptxas
+                    counts["other_backend"] += 1
                     continue
                 key = rebuilt_triton_key(recorded, local_key, local_libtriton)
                 if key is None:
@@ -195,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     counts = unpack(args.archive, args.cache_dir)
     line = (f"prebuilt kernels: {counts['entries']} in the archive; usable by triton {triton.__version__} here: "
             f"{counts['as_is']} as built, {counts['rekeyed']} under this Triton build's key")
-    if counts["other_triton"] or counts["other_env"]:
-        line += (f"; not usable: {counts['other_triton']} from another Triton, "
-                 f"{counts['other_env']} built with other TRITON_* variables")
+    if counts["other_triton"] or counts["other_env"] or counts["other_backend"]:
+        line += (f"; not usable: {counts['other_triton']} from another Triton, {counts['other_env']} built with "
+                 f"other TRITON_* variables, {counts['other_backend']} with another ptxas")
     if counts["no_key"]:
         line += f"; {counts['no_key']} without a recorded key, extracted as they are"
     print(line)

@@ -91,15 +91,3 @@ def test_prebuilt_kernels_are_found_in_another_cache_dir_and_triton_build(tmp_pa
                                             for g in groups for p in g["child_paths"].values())
         run(cache_dir, *build, SCRIPT, "--bench-kernels", "--check")
         assert sorted(os.listdir(cache_dir)) == unpacked  # every launch found its kernel: none added
-
-
-def test_only_the_library_hash_may_differ_between_triton_builds():
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    from triton_cache_archive import rebuilt_triton_key
-    recorded = dict(triton_key="3.6.0aaa-bbb-LIB-ccc", libtriton="LIB")
-    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-LIB-ccc", "LIB") == "3.6.0aaa-bbb-LIB-ccc"
-    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-OTHER-ccc", "OTHER") == "3.6.0aaa-bbb-OTHER-ccc"
-    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-OTHER-ccd", "OTHER") is None  # a Python file differs
-    assert rebuilt_triton_key(recorded, "3.7.0aaa-bbb-OTHER-ccc", "OTHER") is None  # another release
-    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-OTHER-ccc", "THIRD") is None  # not the local library
-    assert rebuilt_triton_key(recorded, "3.6.0aaa-bbb-ccc", "LIB") is None
