@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one call (see the device tool):
 #   bash bench/gpu_session.sh [STEP ...]   # outputs under $OUT (or ./gpu-results)
-# STEPs (default: all, most wanted first): throughput graphs kernels tests profile sparse host.
+# STEPs (default: all, most wanted first): throughput graphs kernels tests throughput_all profile
+# sparse host.
 # A session's device time (15 minutes, the machine's start included) allows one call of at
 # most 10 minutes: every step has its own time limit and the whole script keeps inside BUDGET_S
 # seconds (default 540), skipping what no longer fits, so the call always returns what was
@@ -32,7 +33,7 @@ cached() { ls "$TRITON_CACHE_DIR" | wc -l; }
 GPU_TESTS="tests/kernels tests/test_fuse.py tests/test_fuse_decoder.py tests/test_golden.py tests/test_packed.py tests/test_cuda_graph.py"
 deadline=$(( $(date +%s) + ${BUDGET_S:-540} ))
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(throughput graphs kernels tests profile sparse host)
+[ ${#steps[@]} -eq 0 ] && steps=(throughput graphs kernels tests throughput_all profile sparse host)
 
 # run STEP_LIMIT_S LOG CMD...: run with the smaller of its own limit and what is left.
 run() {
@@ -71,10 +72,15 @@ for step in "${steps[@]}"; do
       # popcount variants (not prebuilt: minutes of compiling) with KERNELS_K=...
       run 80 kernels.txt "$py" bench/kernels.py -- -k "${KERNELS_K:-not autotuned and not popcount}" --benchmark-json "$out/kernels.json"
       grep -A60 "^median µs per call" "$out/kernels.txt" | cut -c1-160 ;;
-    throughput)  # all variants side by side in one run (the ratios need that); progress lines
-      # ("  variant setting: ms/frame") reach the log as each measurement ends, even on a timeout
-      run 240 throughput.txt "$py" bench/throughput.py
-      grep -v "^  " "$out/throughput.txt" | tail -45 ;;
+    throughput)  # SPEC §4's comparison first, in one run (the ratios need that): fused vs
+      # float-simulated vs RVM fp16 at HD and 4K, T = 1 and 8 (throughput.py runs variant by variant)
+      run 150 throughput.txt "$py" bench/throughput.py --sizes 1920x1080@0.25,3840x2160@0.125 \
+        --variants bimatting-fused,bimatting-plain,rvm-fp16
+      grep -v "^  " "$out/throughput.txt" | tail -30 ;;
+    throughput_all)  # the default run: every variant and size; progress lines ("  variant
+      # setting: ms/frame") reach the log as each measurement ends, even on a timeout
+      run 240 throughput_all.txt "$py" bench/throughput.py
+      grep -v "^  " "$out/throughput_all.txt" | tail -45 ;;
     graphs)  # T=1 streaming is launch-bound: CUDA-graph replays (CudaGraphStep), fused vs RVM fp16
       run 100 throughput_graphs.txt "$py" bench/throughput.py --cuda-graph --frames 1,8 \
         --variants bimatting-fused,bimatting-fused-fp16,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
