@@ -20,6 +20,8 @@ CPU: the process's peak RSS so far, which only grows), the first call's time (co
 and fps ratios between variants. ``--cuda-graph`` times CUDA-graph replays of one streaming
 step (``bimatting_triton.CudaGraphStep``) instead of eager calls (at T=1 every variant is
 launch-bound on a GPU); ``--compile`` uses ``torch.compile`` on the float variants. The notes column says which was used.
+On CUDA, ``torch.backends.cudnn.benchmark`` is on for every variant (the float baselines run
+cuDNN's fastest algorithms for each shape, chosen during the warm-up calls).
 """
 from __future__ import annotations
 
@@ -327,6 +329,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads)")
     torch.manual_seed(0)
+    if device.type == "cuda":  # every variant's PyTorch convolutions with cuDNN's fastest algorithms
+        torch.backends.cudnn.benchmark = True
     if args.profile:  # registers/spills of the compiled kernels (CUDA), printed with the profile
         import os
         os.environ.setdefault("BIMATTING_KERNEL_STATS", "1")
@@ -358,7 +362,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
             torch.cuda.empty_cache()
 
     if args.json:
-        print(json.dumps({"device": device_name, "results": [asdict(m) for m in results],
+        print(json.dumps({"device": device_name, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                          "results": [asdict(m) for m in results],
                           "ratios": ratios(results), "profile": profiles}, indent=1))
     else:
         print_table(results, device_name)
@@ -366,9 +371,12 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
             print(p)
         if device.type != "cuda":
             print("note: no CUDA device, so only the plain-PyTorch variants ran; the fused Triton kernels need CUDA.")
-        elif not args.cuda_graph:
-            print("note: eager calls; at T=1 every variant is bound by launching kernels from Python: --cuda-graph "
-                  "times CUDA-graph replays instead (bimatting_triton.CudaGraphStep).")
+        else:
+            print("note: cuDNN autotuning on (torch.backends.cudnn.benchmark) for every variant's PyTorch "
+                  "convolutions; the warm-up calls pay for it.")
+            if not args.cuda_graph:
+                print("note: eager calls; at T=1 every variant is bound by launching kernels from Python: "
+                      "--cuda-graph times CUDA-graph replays instead (bimatting_triton.CudaGraphStep).")
     return results
 
 
