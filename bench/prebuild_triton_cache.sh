@@ -37,6 +37,9 @@ for dtype in ${DTYPES:-float32 float16}; do
     done
   done
 done
+printf 'tests/test_cuda_graph.py (its fused model, CUDA only): '
+env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
+  "$py" bench/compile_model.py --size 512x288@0.5 --frames 1 --dtype float32 | tail -1
 printf 'bench/kernels.py (packed-dot, masked units): '
 env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
   "$py" bench/compile_model.py --bench-kernels | tail -1
