@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import triton.language as tl  # noqa: F401  (seen by _uses_the_language)
+import triton.language.core as core  # noqa: F401  (seen by _uses_the_language)
 from compile_model import Recorder, pretend_cuda  # bench/compile_model.py
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
@@ -34,6 +35,10 @@ def _interpreted(fn) -> InterpretedFunction:
     return _INTERPRETED[fn]
 
 
+def _uses_the_language():
+    """Sees ``tl`` and ``tl.core`` in its globals (this module's): what ``_patch_lang`` patches."""
+
+
 @contextlib.contextmanager
 def _helpers_interpreted():
     """``@triton.jit`` helpers called inside an interpreted kernel run interpreted too (they
@@ -43,9 +48,7 @@ def _helpers_interpreted():
     # whole run (the kernel's own run patches and restores on top of this): nested patches,
     # as InterpretedFunction.__call__ makes them, are never restored and would break the
     # next compile.
-    namespace = {"tl": tl, "core": tl.core}
-    exec("def uses_the_language(): pass", namespace)
-    scope = _patch_lang(namespace["uses_the_language"])
+    scope = _patch_lang(_uses_the_language)
     original = JITFunction.__call__
     JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn).rewrite()(*args, **kwargs)
     try:
@@ -55,21 +58,37 @@ def _helpers_interpreted():
         scope.restore()
 
 
-class CompileThenInterpret:
-    """Stands in for a ``@triton.jit`` kernel: ``k[grid](...)`` compiles the launch for sm_90
-    (a :class:`compile_model.Recorder`), then runs it in Triton's interpreter."""
+class Interpreted:
+    """Stands in for a ``@triton.jit`` kernel (compiled or interpreted): ``k[grid](...)`` runs
+    the launch in Triton's interpreter, with the SWAR bit count where the launch asks for the
+    GPU's ``popc`` (which the interpreter lacks: the same integers)."""
 
     def __init__(self, kernel):
-        self.recorder = Recorder(kernel, 90, COMPILED)
         self.interpreted = _interpreted(kernel.fn)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.recorder[grid](*args, **kwargs)
-            if kwargs.get("HW_POPC"):  # (compiled with the GPU's popc; interpreted with the
-                kwargs = dict(kwargs, HW_POPC=False)  # bit count it can run: same results)
+            if kwargs.get("HW_POPC"):
+                kwargs = dict(kwargs, HW_POPC=False)
             with _helpers_interpreted():
                 self.interpreted.run(*args, grid=grid, warmup=False, **kwargs)
+        return launch
+
+
+class CompileThenInterpret(Interpreted):
+    """Stands in for a ``@triton.jit`` kernel: ``k[grid](...)`` compiles the launch for sm_90
+    exactly as launched (a :class:`compile_model.Recorder`), then runs it interpreted."""
+
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self.recorder = Recorder(kernel, 90, COMPILED)
+
+    def __getitem__(self, grid):
+        interpreted = super().__getitem__(grid)
+
+        def launch(*args, **kwargs):
+            self.recorder[grid](*args, **kwargs)
+            interpreted(*args, **kwargs)
         return launch
 
 

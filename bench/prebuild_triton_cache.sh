@@ -26,27 +26,25 @@ GPU_TESTS=${GPU_TESTS:-$(sed -n 's/^GPU_TESTS="\(.*\)"$/\1/p' bench/gpu_session.
 py=${PYTHON:-python}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
+# Every compile into $dir, with no TRITON_* variable that Triton counts in its cache keys (the GPU
+# machine has none) and the interpreter off.
+compile_env=(env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir")
 echo "triton $("$py" -c 'import triton; print(triton.__version__)') -> .gpu-triton-cache.tar.xz"
 for dtype in ${DTYPES:-float32 float16}; do
   for size in ${SIZES:-512x288@1 1920x1080@0.25 3840x2160@0.125}; do
     for frames in ${FRAMES:-1 8}; do
       printf '%s %s T=%s: ' "$dtype" "$size" "$frames"
-      # (no TRITON_* variables that Triton counts in its cache keys: the GPU machine has none)
-      env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
-        "$py" bench/compile_model.py --size "$size" --frames "$frames" --dtype "$dtype" | tail -1
+      "${compile_env[@]}" "$py" bench/compile_model.py --size "$size" --frames "$frames" --dtype "$dtype" | tail -1
     done
   done
 done
 printf 'tests/test_cuda_graph.py (its fused model, CUDA only): '
-env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
-  "$py" bench/compile_model.py --size 512x288@0.5 --frames 1 --dtype float32 | tail -1
+"${compile_env[@]}" "$py" bench/compile_model.py --size 512x288@0.5 --frames 1 --dtype float32 | tail -1
 printf 'bench/kernels.py (packed-dot, masked units): '
-env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" \
-  "$py" bench/compile_model.py --bench-kernels | tail -1
+"${compile_env[@]}" "$py" bench/compile_model.py --bench-kernels | tail -1
 if [ "${TESTS:-1}" != 0 ]; then
   printf 'GPU tests (gpu_session.sh tests): '
-  env -u TRITON_INTERPRET -u TRITON_DEFAULT_FP_FUSION TRITON_CACHE_DIR="$dir" BIMATTING_TEST_CUDA=1 PYTHONPATH=bench \
-    "$py" -m pytest -q -p no:cacheprovider -p no:warnings -p prebuild_test_kernels $GPU_TESTS 2>&1 \
+  "${compile_env[@]}" BIMATTING_TEST_CUDA=1 PYTHONPATH=bench "$py" -m pytest -q -p no:cacheprovider -p no:warnings -p prebuild_test_kernels $GPU_TESTS 2>&1 \
     | grep -E "^prebuild_test_kernels|passed|failed" || true
 fi
 "$py" bench/triton_cache_archive.py pack "$dir" .gpu-triton-cache.tar.xz  # (written whole, then renamed)

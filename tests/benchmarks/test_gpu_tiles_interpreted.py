@@ -3,8 +3,8 @@
 CI's interpreter runs one small fixed tile per kernel; a GPU runs the heuristic tiles
 (BM up to 128, BN 32-128, BK 32/64) and the sparse units' CUDA tiles. Here the launch sites
 are told they are on CUDA (``bench/compile_model.pretend_cuda``), so they pick the GPU's
-tiles, and each launch still runs in Triton's interpreter (the SWAR bit count instead of
-``popc``, which the interpreter lacks: same integers). Binary math is integer math and the
+tiles, and each launch still runs in Triton's interpreter (``prebuild_test_kernels.Interpreted``:
+the SWAR bit count instead of ``popc``, which the interpreter lacks: same integers). Binary math is integer math and the
 epilogues do the same float operations per element whatever the tile, so the two forwards
 must be equal to the last bit (float64, a size that is not a multiple of the tiles, T = 2;
 128x96 and 256x144, where full-resolution layers take BM = 128, were checked the same way).
@@ -22,17 +22,17 @@ import bimatting_triton.kernels  # interpreted (TRITON_INTERPRET=1)
 from bimatting_triton import BiMatting, convert
 sys.path.insert(0, {bench!r})
 from compile_model import pretend_cuda
+from prebuild_test_kernels import Interpreted
 os.environ["TRITON_INTERPRET"] = "1"  # (compile_model unsets it: Triton reads it at each launch too)
 
 launches = []
 
-class GpuTilesInterpreted:
-    def __init__(self, kernel):
-        self.kernel = kernel
+class GpuTilesInterpreted(Interpreted):
     def __getitem__(self, grid):
+        interpreted = super().__getitem__(grid)
         def launch(*args, **kwargs):
             launches.append(kwargs.get("BM") or kwargs.get("TH"))
-            self.kernel[grid](*args, **dict(kwargs, HW_POPC=False) if "HW_POPC" in kwargs else kwargs)
+            interpreted(*args, **kwargs)
         return launch
 
 torch.manual_seed(0)
