@@ -14,6 +14,11 @@ if not os.environ.get("BIMATTING_TEST_CUDA"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (the README's `-n auto`) the workers already use every core: one torch
+    # thread each, instead of each worker's threads competing for all of them.
+    torch.set_num_threads(1)
+
 # ../shared/reference beside the checkout; BIMATTING_REFERENCE_DIR overrides it (e.g. a copy
 # carried to a GPU machine, where ../shared does not travel).
 REFERENCE_DIR = os.environ.get("BIMATTING_REFERENCE_DIR") or os.path.join(
