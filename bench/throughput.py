@@ -279,15 +279,16 @@ def ratios(results: list[Measurement]) -> list[str]:
 
 def print_table(results: list[Measurement], device_name: str) -> None:
     print(f"device: {device_name}")
-    header = (f"{'variant':<16} {'setting':<30} {'ms/frame':>9} {'spread':>8} {'fps':>8} {'peak MiB':>9} "
+    vw = max([len("variant"), *(len(m.variant) for m in results)])  # the variant column's width
+    header = (f"{'variant':<{vw}} {'setting':<30} {'ms/frame':>9} {'spread':>8} {'fps':>8} {'peak MiB':>9} "
               f"{'1st call s':>10}  notes")
     print(header)
     print("-" * len(header))
     for m in results:
         if m.status != "ok":
-            print(f"{m.variant:<16} {m.setting:<30} {m.status}")
+            print(f"{m.variant:<{vw}} {m.setting:<30} {m.status}")
             continue
-        print(f"{m.variant:<16} {m.setting:<30} {m.ms_per_frame:9.2f} {m.spread_ms:8.2f} {m.fps:8.2f} "
+        print(f"{m.variant:<{vw}} {m.setting:<30} {m.ms_per_frame:9.2f} {m.spread_ms:8.2f} {m.fps:8.2f} "
               f"{m.peak_memory_mib:9.0f} {m.first_call_s:10.2f}  {', '.join(m.notes)}")
     lines = ratios(results)
     if lines:
