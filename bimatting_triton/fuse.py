@@ -54,6 +54,7 @@ from .kernels.binary_conv import (
     Residual,
     binary_conv2d,
     binary_conv2d_reference,
+    dot_weights,
     fold_scale_shift,
     pack_weight,
 )
@@ -168,6 +169,13 @@ class BinaryConvUnit(nn.Module):
         kh, kw = self.bits.shape[:2]
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}, "
                 f"act={self.act}, backend={self.backend!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # ``int8`` is derived data (the kernels' operand layout, which a newer release may
+        # change): whatever the loaded dict held, it is made again from the loaded bits.
+        with torch.no_grad():
+            self.int8.copy_(dot_weights(self.bits))
 
     def packed_weight(self) -> PackedWeight:
         """The buffers as a :class:`PackedWeight`, built (and checked) once and reused while

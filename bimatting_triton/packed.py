@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError
 from .fuse import BACKENDS, BinaryConvUnit, convert
 from .fuse_decoder import current_conv_gru_key
-from .kernels.binary_conv import PackedWeight
+from .kernels.binary_conv import PackedWeight, dot_weights
 from .kernels.pack import WORD_BITS, pack_values, unpack_values, words_for
 from .model import BiMatting
 from .nn import BiConv2d
@@ -181,7 +181,7 @@ def _encode(fused: nn.Module) -> tuple[list, Tensor, Tensor, dict[str, Tensor]]:
     signs: list[Tensor] = []
     zeros: list[Tensor] = []
     pools: dict[str, list[Tensor]] = {}
-    unpacked: dict[str, Tensor] = {}
+    packed_bits: dict[str, Tensor] = {}
     n_signs = 0
     for name, value in fused.state_dict().items():
         value = value.detach().cpu()
@@ -192,18 +192,16 @@ def _encode(fused: nn.Module) -> tuple[list, Tensor, Tensor, dict[str, Tensor]]:
             cin = unit.in_channels
             _check_canonical(name, value, cin)
             vals = unpack_values(value.permute(0, 1, 4, 2, 3), cin, torch.int8)  # (KH, KW, Cout, Cin)
-            unpacked[parent] = vals
+            packed_bits[parent] = value
             flat = vals.reshape(-1)
             signs.append(flat < 0)
             zeros.append(torch.nonzero(flat == 0).view(-1) + n_signs)
             n_signs += flat.numel()
             row[1], row[4], row[5] = _BITS, "signs", cin
         elif unit is not None and leaf == "int8":
-            # PackedWeight's int8: the bits' values as (KH, KW, 32*CW, Cout), padding rows 0.
-            vals = unpacked.get(parent)
-            cin = unit.in_channels
-            if vals is None or not (torch.equal(value[:, :, :cin], vals.permute(0, 1, 3, 2))
-                                    and not bool(value[:, :, cin:].any())):
+            # PackedWeight's int8: the bits' values as dot_weights lays them out (derived).
+            bits = packed_bits.get(parent)
+            if bits is None or not torch.equal(value, dot_weights(bits)):
                 raise ValueError(f"{name}: int8 weights differ from the ones unpacked from the bits")
             row[1], row[4] = _INT8, "derived"
         elif unit is not None and leaf == "alpha":

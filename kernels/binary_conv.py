@@ -15,7 +15,9 @@ Bit layouts
 * :class:`PackedWeight` ``bits``: int32 (KH, KW, 2, CW, Cout), same two planes and
   channel order, output channels contiguous (coalesced loads of a tile of Cout);
   a degenerate output channel (all ``w_c == 0``) has nonzero bits 0, so it reads as 0.
-  ``int8``: the same values unpacked, int8 (KH, KW, 32*CW, Cout), padding rows 0.
+  ``int8``: the same values unpacked, int8 (KH, KW, 32*CW, Cout), padding rows 0, the rows
+  of each word in :func:`dot_channel_order` (row ``4n + j`` of a word is channel ``n + 8j``)
+  and each output channel's rows contiguous in memory (see :func:`dot_weights`).
 
 Exactness of the two corrections (padding and sign(0)): every product is
 ``value_a * value_w`` with value ``nonzero - 2*sign``; padded channels, out-of-image
@@ -24,8 +26,9 @@ contribute exactly 0, so no correction term is needed afterwards.
 
 Two inner loops (``method``):
 * ``'dot'`` (default, ``'auto'``): unpack the activation words of a (BM pixels x BK
-  channels) tile to int8 {-1, 0, +1} in registers and ``tl.dot`` them with the int8
-  weight tile, int32 accumulation (tensor cores on GPU: Triton has no 1-bit MMA).
+  channels) tile to int8 {-1, 0, +1} in registers (:func:`unpack_words`: four values per
+  shift-and-mask, in a channel order the weight rows follow) and ``tl.dot`` them with the
+  int8 weight tile, int32 accumulation (tensor cores on GPU: Triton has no 1-bit MMA).
 * ``'popcount'``: ``valid = nz_a & nz_w``, ``neg = (s_a ^ s_w) & valid``,
   ``acc += popc(valid) - 2*popc(neg)`` per 32-channel word (libdevice ``popc`` on CUDA,
   a SWAR count elsewhere). Kept for comparison; the benchmark picks.
@@ -99,6 +102,8 @@ from .pack import WORD_BITS, PackedActivation, pack_values, sign_pack_reference,
 
 __all__ = [
     "PackedWeight",
+    "dot_channel_order",
+    "dot_weights",
     "pack_weight",
     "pack_conv",
     "fold_scale_shift",
@@ -125,8 +130,9 @@ class PackedWeight:
 
     ``bits``: int32 (KH, KW, 2, ceil(Cin/32), Cout). ``alpha``: (Cout,) float, ``mean|w_c|``.
     ``in_channels``: Cin. ``stride``, ``padding``: the convolution's (zero padding).
-    ``int8``: int8 (KH, KW, 32*ceil(Cin/32), Cout) values for the ``'dot'`` path; derived
-    from ``bits`` when not given (pass a stored copy to skip the unpacking).
+    ``int8``: int8 (KH, KW, 32*ceil(Cin/32), Cout) values for the ``'dot'`` path, laid out by
+    :func:`dot_weights`; derived from ``bits`` when not given (pass a stored copy to skip the
+    unpacking).
     """
 
     bits: Tensor
@@ -159,9 +165,7 @@ class PackedWeight:
         object.__setattr__(self, "bits", b.contiguous())
         kh, kw, _, cw, cout = b.shape
         if self.int8 is None:
-            # (KH, KW, Cout, 2, CW) -> values (KH, KW, Cout, 32*CW) -> (KH, KW, 32*CW, Cout)
-            vals = unpack_values(b.permute(0, 1, 4, 2, 3), cw * WORD_BITS, torch.int8)
-            object.__setattr__(self, "int8", vals.permute(0, 1, 3, 2).contiguous())
+            object.__setattr__(self, "int8", dot_weights(b))
         elif (
             not isinstance(self.int8, Tensor) or self.int8.dtype != torch.int8
             or self.int8.shape != (kh, kw, cw * WORD_BITS, cout) or self.int8.device != b.device
@@ -169,8 +173,8 @@ class PackedWeight:
             raise ValueError(
                 f"PackedWeight.int8 must be an int8 tensor of shape {(kh, kw, cw * WORD_BITS, cout)} on {b.device}"
             )
-        else:
-            object.__setattr__(self, "int8", self.int8.contiguous())
+        elif not self.int8.transpose(2, 3).is_contiguous():  # (rows contiguous, as dot_weights lays them out)
+            object.__setattr__(self, "int8", self.int8.transpose(2, 3).contiguous().transpose(2, 3))
 
     @property
     def out_channels(self) -> int:
@@ -203,6 +207,24 @@ class PackedWeight:
         """Output (Ho, Wo) for an (h, w) input."""
         kh, kw = self.kernel_size
         return ((h + 2 * self.padding - kh) // self.stride + 1, (w + 2 * self.padding - kw) // self.stride + 1)
+
+
+def dot_channel_order(cin_pad: int, device=None) -> Tensor:
+    """int64 (cin_pad,): the input channel of each row of the ``'dot'`` path's int8 weights.
+
+    Within each 32-channel word, row ``4 n + j`` holds channel ``n + 8 j`` (n < 8, j < 4): the
+    order in which :func:`unpack_words` makes a word's values (cheapest to unpack)."""
+    k = torch.arange(cin_pad, device=device)
+    return k - k % WORD_BITS + (k % 4) * 8 + (k % WORD_BITS) // 4
+
+
+def dot_weights(bits: Tensor) -> Tensor:
+    """int8 (KH, KW, 32*CW, Cout) weight values {-1, 0, +1} from packed ``bits`` (KH, KW, 2, CW,
+    Cout), the rows in :func:`dot_channel_order` and each output channel's rows contiguous in
+    memory (strides (., ., 1, 32*CW): the int8 dot's operand is read along the input channels)."""
+    cin_pad = bits.shape[3] * WORD_BITS
+    vals = unpack_values(bits.permute(0, 1, 4, 2, 3), cin_pad, torch.int8)  # (KH, KW, Cout, 32*CW)
+    return vals[..., dot_channel_order(cin_pad, bits.device)].contiguous().transpose(2, 3)
 
 
 def pack_weight(weight: Tensor, stride: int = 1, padding: int | None = None) -> PackedWeight:
@@ -663,6 +685,34 @@ def _add_residual(y, r_ptr, sn, sc, sh, sw, RH, RW, RC, n_img, oh, ow, offs_n, m
 
 
 @triton.jit
+def _quad(z, s, N: tl.constexpr):
+    # Bits N, N+8, N+16, N+24 of each word as the four bytes of an int32 (byte j <- bit N + 8j),
+    # value z - 2s: 0x00 (0), 0x01 (+1) or 0xFF (-1). A sign bit implies its nonzero bit, so
+    # s * 0xFE (bits 1-7 of a byte) and z (bit 0) never overlap: the sum is their OR.
+    zq = (z >> N) & 0x01010101
+    sq = (s >> N) & 0x01010101
+    return sq * 0xFE + zq
+
+
+@triton.jit
+def unpack_words(z, s):
+    """(R, C) int32 words (nonzero plane ``z``, sign plane ``s`` with s & ~z == 0) ->
+    (R, C, 2, 2, 2, 2, 2) int8 values ``z_bit - 2 s_bit`` in {-1, 0, +1}; reshaped to
+    (R, 32 C), position ``32 w + 4 n + j`` holds bit ``n + 8 j`` of word ``w``
+    (:func:`dot_channel_order`, the order of :class:`PackedWeight`'s ``int8`` rows).
+
+    Two ALU operations per plane per four values (a shift and a mask put four bits into
+    four bytes) instead of a shift and a mask per value, and ``tl.join`` keeps each word's
+    32 values in the thread that loaded the word (vector stores to the dot operand), where a
+    broadcast over a bit axis would spread one bit per lane (a load and a byte store each).
+    Each join appends a dimension after the earlier ones, so joining quad ``n`` with
+    ``n + 4``, then ``+ 2``, then ``+ 1`` (and the bytes likewise) gives the order above."""
+    q = tl.join(tl.join(tl.join(_quad(z, s, 0), _quad(z, s, 4)), tl.join(_quad(z, s, 2), _quad(z, s, 6))),
+                tl.join(tl.join(_quad(z, s, 1), _quad(z, s, 5)), tl.join(_quad(z, s, 3), _quad(z, s, 7))))
+    return tl.join(tl.join(q.to(tl.int8), (q >> 16).to(tl.int8)), tl.join((q >> 8).to(tl.int8), (q >> 24).to(tl.int8)))
+
+
+@triton.jit
 def conv_accumulate(
     x_ptr, w_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
@@ -678,48 +728,44 @@ def conv_accumulate(
     # One flat runtime loop over (tap, channel block) rather than unrolled taps: only one
     # step's addresses and bit tensors are live at a time (unrolling the taps kept all nine
     # taps' row addresses in registers: 255 registers and spills, see bench/compile_report.py),
-    # and Triton's software pipeliner sees a single loop.
+    # and Triton's software pipeliner sees a single loop. What does not change along the loop
+    # is computed before it: each step adds a scalar offset (the tap's, the channel block's)
+    # to per-row / per-column bases, and (tap, step) are counted, not divided out.
+    ih0 = oh * STRIDE - PAD  # input row and column of tap (0, 0)
+    iw0 = ow * STRIDE - PAD
+    pix0 = ((n_img * H + ih0) * W + iw0).to(tl.int64) * (2 * CW)  # word offset of its sign plane
+    kw_ = tl.arange(0, BK // 32)
     if METHOD == 0:
         steps_per_tap = tl.cdiv(cin_pad, BK)
         kk = tl.arange(0, BK)
-        kw_ = tl.arange(0, BK // 32)
-        bitpos = tl.arange(0, 32)
+        w_rows = offs_n.to(tl.int64) * cin_pad  # int8 weights: (tap, Cout, 32*CW), channels contiguous
     else:
         steps_per_tap = tl.cdiv(CW, BK // 32)
-        kw_ = tl.arange(0, BK // 32)
+    tap = 0
+    step = 0
     for it in range(0, KH * KW * steps_per_tap):
-        tap = it // steps_per_tap
-        step = it - tap * steps_per_tap
         kh = tap // KW
         kw = tap - kh * KW
-        ih = oh * STRIDE - PAD + kh
-        iw = ow * STRIDE - PAD + kw
         # Out-of-image taps load all-zero words: nonzero bits 0 => they contribute 0.
-        inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix = ((n_img * H + ih) * W + iw).to(tl.int64) * (2 * CW)  # word offset of the sign plane
+        inside = m_ok & (ih0 >= -kh) & (ih0 < H - kh) & (iw0 >= -kw) & (iw0 < W - kw)
+        pix = pix0 + (kh * W + kw) * (2 * CW)
+        word = step * (BK // 32) + kw_
+        w_ok = word < CW
+        amask = inside[:, None] & w_ok[None, :]
+        a_ptr = x_ptr + pix[:, None] + word[None, :]
+        z = tl.load(a_ptr + CW, mask=amask, other=0)
+        s = tl.load(a_ptr, mask=amask, other=0) & z
         if METHOD == 0:
-            ch = step * BK + kk  # input channel
-            ch_ok = ch < cin_pad
-            # Each word once (BM, BK/32), then its 32 bits spread along the channel axis:
-            # channel = 32 * word + bit, the order of the weight rows.
-            word = step * (BK // 32) + kw_
-            amask = inside[:, None] & (word < CW)[None, :]
-            a_ptr = x_ptr + pix[:, None] + word[None, :]
-            z = tl.load(a_ptr + CW, mask=amask, other=0)
-            s = tl.load(a_ptr, mask=amask, other=0) & z
-            zbit = (z[:, :, None] >> bitpos[None, None, :]) & 1
-            sbit = (s[:, :, None] >> bitpos[None, None, :]) & 1
-            a = tl.reshape(zbit - 2 * sbit, (BM, BK)).to(tl.int8)  # {-1, 0, +1}
-            b_ptr = w_ptr + (tap * cin_pad + ch).to(tl.int64)[:, None] * COUT + offs_n[None, :]
-            b = tl.load(b_ptr, mask=ch_ok[:, None] & n_ok[None, :], other=0)
+            # Each word loaded once (BM, BK/32) and its 32 values made in the thread that
+            # loaded it: channel = 32 * word + bit, the order of the weight rows.
+            a = tl.reshape(unpack_words(z, s), (BM, BK))
+            # (BK, BN) read along the input channels, contiguous in memory: the int8 dot's
+            # operand layout (K-major), so the tile goes to shared memory without a transpose
+            ch0 = step * BK
+            b_ptr = w_ptr + (tap * COUT).to(tl.int64) * cin_pad + ch0 + w_rows[None, :] + kk[:, None]
+            b = tl.load(b_ptr, mask=(ch0 + kk < cin_pad)[:, None] & n_ok[None, :], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
-            word = step * (BK // 32) + kw_
-            w_ok = word < CW
-            amask = inside[:, None] & w_ok[None, :]
-            a_ptr = x_ptr + pix[:, None] + word[None, :]
-            z = tl.load(a_ptr + CW, mask=amask, other=0)
-            s = tl.load(a_ptr, mask=amask, other=0) & z
             b_ptr = w_ptr + (tap * 2 * CW + word).to(tl.int64)[:, None] * COUT + offs_n[None, :]
             bmask = w_ok[:, None] & n_ok[None, :]
             wz = tl.load(b_ptr + CW * COUT, mask=bmask, other=0)
@@ -727,6 +773,10 @@ def conv_accumulate(
             valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
             neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
             acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
+        step += 1
+        wrapped = step == steps_per_tap
+        tap = tl.where(wrapped, tap + 1, tap)
+        step = tl.where(wrapped, 0, step)
     return acc
 
 
@@ -819,7 +869,7 @@ def store_packed(y_out, p_ptr, PCW, offs_m, m_ok, pid_n, nb_ptr, offs_n, n_ok, m
 @triton.jit
 def _binary_conv_kernel(
     x_ptr,  # int32 (N, H, W, 2, CW) packed activations
-    w_ptr,  # METHOD 0: int8 (KH, KW, 32*CW, COUT); METHOD 1: int32 (KH, KW, 2, CW, COUT)
+    w_ptr,  # METHOD 0: int8 (KH, KW, 32*CW, COUT) as dot_weights; METHOD 1: int32 (KH, KW, 2, CW, COUT)
     M, H, W, HO, WO, CW, COUT,
     scale_ptr, shift_ptr, ba_ptr, slope_ptr, bb_ptr, nb_ptr,  # (COUT,) epilogue vectors
     r1_ptr, r1_sn, r1_sc, r1_sh, r1_sw, R1H, R1W, R1C,  # residual

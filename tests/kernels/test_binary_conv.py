@@ -24,6 +24,7 @@ from bimatting_triton.kernels.binary_conv import (
     Residual,
     binary_conv2d,
     binary_conv2d_reference,
+    dot_channel_order,
     fold_scale_shift,
     pack_conv,
     pack_weight,
@@ -70,11 +71,16 @@ def test_pack_weight_equals_binarize_weight(k):
     assert (vals[1] == 0).all() and pw.alpha[1] == 0
     w_c = w - w.mean(dim=(1, 2, 3), keepdim=True)
     assert (w_c[2] == 0).any() and torch.equal(vals, torch.sign(w_c))
-    # int8 copy used by the 'dot' path: same values, padding rows zero
+    # int8 copy used by the 'dot' path: same values, rows in the dot path's channel order
+    # (row 4n + j of a word is channel n + 8j), padding channels zero, rows contiguous
     i8 = pw.int8  # (k, k, 96, 40)
-    assert i8.shape == (k, k, 96, 40)
-    assert torch.equal(i8[:, :, :70].permute(3, 2, 0, 1).float(), vals)
-    assert (i8[:, :, 70:] == 0).all()
+    assert i8.shape == (k, k, 96, 40) and i8.stride()[2:] == (1, 96)
+    order = dot_channel_order(96)
+    assert sorted(order.tolist()) == list(range(96)) and order[:8].tolist() == [0, 8, 16, 24, 1, 9, 17, 25]
+    natural = torch.empty_like(i8)
+    natural[:, :, order] = i8
+    assert torch.equal(natural[:, :, :70].permute(3, 2, 0, 1).float(), vals)
+    assert (natural[:, :, 70:] == 0).all()
     assert pw.padding == k // 2 and pw.stride == 1
 
 
