@@ -109,9 +109,10 @@ class Recorder:
     looks up there, so a cache filled here spares a GPU machine with the same Triton build
     the compilation. One result per distinct specialisation."""
 
-    def __init__(self, fn, arch: int, results: dict, options: dict | None = None):
+    def __init__(self, fn, arch: int, results: dict, options: dict | None = None, keep_cubin: bool = False):
         self.fn, self.arch, self.results = fn, arch, results
         self.options = options or {}  # e.g. num_warps / num_stages to launch with instead
+        self.keep_cubin = keep_cubin  # the result also holds the machine code ('cubin', bytes)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, {**kwargs, **self.options})
@@ -136,16 +137,19 @@ class Recorder:
         report = {}
         if compiled is not None:
             report = dict(shared=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], self.arch))
+            if self.keep_cubin:
+                report["cubin"] = compiled.asm["cubin"]
         self.results[key] = dict(kernel=self.fn.__name__, tile=tile, options=options, launches=1,
                                  compile_s=seconds, error=error, **report)
         return None
 
 
 @contextlib.contextmanager
-def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None = None):
+def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None = None, keep_cubin: bool = False):
     """Launch sites believe they are on CUDA; kernels are Recorders (or ``stand_in(kernel)``
     if given: anything indexable by a grid and then callable). ``options``: kernel name ->
-    launch options the Recorder sets (e.g. ``num_warps``). Restored on exit."""
+    launch options the Recorder sets (e.g. ``num_warps``); ``keep_cubin``: results hold the
+    compiled machine code too. Restored on exit."""
     patches = []
 
     def patch(module, name, value):
@@ -163,7 +167,7 @@ def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None =
             if kernel is None:  # (an older kernels/ checked out beside this script)
                 continue
             patch(module, name, stand_in(kernel) if stand_in is not None
-                  else Recorder(kernel, arch, results, (options or {}).get(name)))
+                  else Recorder(kernel, arch, results, (options or {}).get(name), keep_cubin))
     try:
         yield
     finally:

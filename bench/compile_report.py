@@ -1,5 +1,6 @@
-"""Registers, spills and shared memory of the packed binary conv, compiled for a GPU that
-need not be here: no device time spent (the first thing to read when a kernel is slow).
+"""Registers, spills, shared memory and the inner loop's instructions of the packed binary
+conv, compiled for a GPU that need not be here: no device time spent (the first thing to
+read when a kernel is slow).
 
     python bench/compile_report.py                          # BiMatting's layers at 512x288@1, sm_90
     python bench/compile_report.py --size 1920x1080@0.25 --tiles 64,64,64,4,3 128,64,32,4,3
@@ -11,7 +12,10 @@ launch it (fused BN scale/shift, PReLU, the next layer's sign + pack) on pretend
 tensors and compiled by Triton's own JIT path for ``--arch`` (``bench/compile_model.py``:
 the specialisation a GPU would compile); the bundled ``ptxas -v`` then reports registers per
 thread, spill stores/loads (bytes of local memory traffic per thread) and the kernel's
-shared memory. By default each
+shared memory, and the tensor-core loop of its machine code (``bench/sass_loop.py``):
+instructions a warp issues per iteration, tensor-core (MMA) instructions among them, and
+the multiply-adds per clock and SM that instruction issue allows at most, also as a
+fraction of Hopper's fp16 tensor-core peak (cuDNN fp16's ceiling). By default each
 layer gets the CUDA heuristic tile (``kernels/binary_conv._heuristic_config``); ``--tiles``
 compiles the given ``BM,BN,BK,num_warps,num_stages`` tiles instead, for every layer.
 
@@ -30,6 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compile_model import pretend_cuda  # noqa: E402  (bench/compile_model.py)
+from sass_loop import PEAK_MACS_PER_CLK, loop_report  # noqa: E402  (bench/sass_loop.py)
 
 from bimatting_triton.kernels import binary_conv, sparse_unit  # noqa: E402
 from bimatting_triton.kernels.binary_conv import Epilogue, binary_conv2d, pack_weight  # noqa: E402
@@ -45,11 +50,13 @@ def compile_layer(shape, tile: dict, arch: int, method: int = 0, kernel: str = "
     it: folded BN scale/shift and PReLU, then (dense) the next layer's sign + pack only, or
     (sparse) ``y * mask + out`` into an existing output. The launch goes through the library
     on pretend-CUDA tensors and is compiled by Triton's own JIT path
-    (``bench/compile_model.py``); -> {'regs', 'spill_stores', 'spill_loads', 'stack', 'shared'}."""
+    (``bench/compile_model.py``); -> {'regs', 'spill_stores', 'spill_loads', 'stack', 'shared'}
+    and the tensor-core loop's {'loop_instr', 'mma_instr', 'byte_stores', 'mac_per_clk',
+    'opcodes'} (``bench/sass_loop.py``)."""
     cin, cout, h, w, k, s = shape
     results: dict = {}
     options = {KERNEL_NAMES[kernel]: dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])}
-    with torch.no_grad(), pretend_cuda(arch, results, options=options):
+    with torch.no_grad(), pretend_cuda(arch, results, options=options, keep_cubin=True):
         x = sign_pack(torch.randn(1, cin, h, w))  # (its own launch is compiled too, and not reported)
         weight = pack_weight(torch.randn(cout, cin, k, k), stride=s)
         epilogue = Epilogue(scale=torch.rand(cout), shift=torch.randn(cout), act="prelu",
@@ -67,17 +74,18 @@ def compile_layer(shape, tile: dict, arch: int, method: int = 0, kernel: str = "
     (row,) = [r for r in results.values() if r["kernel"] == KERNEL_NAMES[kernel]]
     if row["error"]:
         raise RuntimeError(f"{KERNEL_NAMES[kernel]} for {shape} with {tile}: {row['error']}")
-    return {key: row[key] for key in ("regs", "spill_stores", "spill_loads", "stack", "shared")}
+    bm = 64 if kernel == "sparse" else tile["BM"]  # (the sparse kernels' 8x8-pixel tiles)
+    loop = loop_report(row["cubin"], bm * tile["BN"] * tile["BK"], tile["num_warps"])
+    return {**{key: row[key] for key in ("regs", "spill_stores", "spill_loads", "stack", "shared")}, **loop}
 
 
 def default_tile(kernel: str, method: int, shape) -> dict:
-    """The tile the library launches this layer with on CUDA (no autotuning)."""
-    from kernels import output_pixels  # bench/kernels.py (this script's folder is on sys.path)
-
+    """The tile the library launches this layer with on CUDA (no autotuning), for the
+    epilogue compiled here (no residual)."""
     cin, cout = shape[:2]
     if kernel == "sparse":
         return dict(BM=0, **sparse_unit.sparse_heuristic_config(method, cout, words_for(cin) * 32))
-    return binary_conv._heuristic_config(method, output_pixels(shape), cout, words_for(cin) * 32)
+    return binary_conv._heuristic_config(method, cout, words_for(cin) * 32)
 
 
 def _parse_tile(text: str) -> dict:
@@ -120,15 +128,19 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         shapes = [sh for sh in shapes if label_of[sh] in args.only]
     rows = []
     print(f"{'layer (k x k s, cin to cout, W x H)':<34} {'tile BM,BN,BK,w,s':<20} {'regs':>5} {'spill st/ld B':>14} "
-          f"{'stack B':>8} {'smem KiB':>9}")
+          f"{'stack B':>8} {'smem KiB':>9} {'loop instr':>10} {'MMA':>4} {'MAC/clk/SM':>10} {'x fp16 peak':>11}")
     for shape in shapes:
         cin, cout, h, w, k, s = shape
         for tile in args.tiles or [default_tile(args.kernel, method, shape)]:
             r = compile_layer(shape, tile, args.arch, method, args.kernel)
             label = label_of[shape]
             t = f"{tile['BM']},{tile['BN']},{tile['BK']},{tile['num_warps']},{tile['num_stages']}"
+            # (no loop: the compiler unrolled a short one, e.g. a 1x1 layer of one channel block)
+            loop = (f"{r['loop_instr']:10d} {r['mma_instr']:4d} {r['mac_per_clk']:10.0f} "
+                    f"{r['mac_per_clk'] / PEAK_MACS_PER_CLK['fp16']:11.2f}" if r["loop_instr"] else
+                    f"{'unrolled':>10} {'-':>4} {'-':>10} {'-':>11}")
             print(f"{label:<34} {t:<20} {r['regs']:5d} {r['spill_stores']:>6d}/{r['spill_loads']:<7d} "
-                  f"{r['stack']:8d} {r['shared'] / 1024:9.1f}", flush=True)
+                  f"{r['stack']:8d} {r['shared'] / 1024:9.1f} {loop}", flush=True)
             rows.append((shape, tile, r))
     return rows
 

@@ -930,7 +930,8 @@ _INTERPRETER_CONFIG = dict(BM=128, BN=64, BK=128)
 def _cuda_configs(method: int) -> list:
     if method == 0:
         # Tiles that compile without spills on sm_90, triton 3.6 and 3.9 (bench/compile_report.py).
-        shapes = [(64, 32, 64, 4), (128, 32, 32, 4), (64, 64, 64, 4), (128, 64, 64, 8), (64, 128, 32, 8)]
+        shapes = [(64, 32, 64, 4), (64, 32, 32, 4), (64, 64, 64, 4), (64, 64, 128, 4), (64, 128, 64, 4),
+                  (64, 128, 128, 4), (128, 128, 128, 8)]
         return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=3) for m, n, k, w in shapes]
     shapes = [(64, 32, 64, 4), (64, 32, 32, 4), (32, 32, 64, 4), (128, 32, 64, 8)]
     return [triton.Config(dict(BM=m, BN=n, BK=k), num_warps=w, num_stages=2) for m, n, k, w in shapes]
@@ -944,27 +945,31 @@ _RESTORE = ["y_ptr"]
 
 
 @functools.lru_cache(maxsize=1024)
-def _heuristic_config(method: int, m: int, cout: int, cin_pad: int) -> dict:
-    """One tile per layer shape (CUDA, no autotuning): big tiles where there are many pixels.
+def _heuristic_config(method: int, cout: int, cin_pad: int, residual: bool = False) -> dict:
+    """One tile per layer shape (CUDA, no autotuning). Cached: the same dict for the same
+    arguments (callers read it, never change it).
 
-    Chosen with bench/compile_report.py for sm_90 on triton 3.6 and 3.9: no spills and at
-    most ~160 registers per thread for every BiMatting layer (some nearby tiles, e.g.
-    64,32,32 at 4 warps, need 223-255 registers on triton 3.6 but 56 on 3.9). Cached: the
-    same dict for the same arguments (callers read it, never change it).
+    'dot': 64 pixels (one warpgroup's wgmma rows, 4 warps) x as many output channels as the
+    layer has, up to 128 x as many input channels per step as it has, up to 128. The
+    unpacking costs the same per (pixel, input channel) whatever BN is, and the loop's
+    addressing the same per step whatever BK is, so the widest tile the layer fills does the
+    most multiply-adds per instruction (``bench/compile_report.py``, sm_90, both on triton 3.6
+    and 3.9: no spills, at most ~180 registers; issue-bound rate 0.4x Hopper's fp16 tensor-core
+    peak at 64x32x64, 1.5x at 64x128x64, 1.9x at 64x128x128; 8 warps on BM = 64 or 4 warps on
+    BM = 128 issue far more per MAC). With a ``residual`` (or post-residual) in the epilogue,
+    BN is at most 64: its loads on top of a 64x128 accumulator in 128 threads spill
+    (``bench/compile_model.py --check``; the 'avgpool' shortcut most).
     """
-    bn = 128 if cout >= 128 else 64 if cout >= 64 else 32
+    bn = 128 if cout >= 128 and not residual else 64 if cout >= 64 else 32
     if method == 0:
-        if bn == 128:
-            return dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
-        bm = 128 if m >= 32768 else 64
-        if bn == 64:
-            return dict(BM=bm, BN=64, BK=64, num_warps=8 if bm == 128 else 4, num_stages=3)
-        return dict(BM=bm, BN=32, BK=32 if bm == 128 else 64, num_warps=4, num_stages=3)
+        bk = 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
+        return dict(BM=64, BN=bn, BK=bk, num_warps=4, num_stages=3)
     # popcount: the (BM, BK/32, BN) AND/XOR words stay small with BN = 32
     return dict(BM=64, BN=32, BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)
 
 
-def _launcher(method: int, block: tuple[int, int, int] | None, m: int = 1, cout: int = 1, cin_pad: int = 32):
+def _launcher(method: int, block: tuple[int, int, int] | None, cout: int = 1, cin_pad: int = 32,
+              residual: bool = False):
     """The kernel to launch and its tile: ``block`` if given, one fixed tile under the
     interpreter, autotuned with ``BIMATTING_AUTOTUNE=1``, else a heuristic tile."""
     if block is not None:
@@ -972,7 +977,7 @@ def _launcher(method: int, block: tuple[int, int, int] | None, m: int = 1, cout:
     if interpreting():
         return _binary_conv_kernel, _INTERPRETER_CONFIG
     if not autotuning():
-        return _binary_conv_kernel, _heuristic_config(method, m, cout, cin_pad)
+        return _binary_conv_kernel, _heuristic_config(method, cout, cin_pad, residual)
     if method not in _TUNED:
         _TUNED[method] = triton.autotune(configs=_cuda_configs(method), key=_KEY, restore_value=_RESTORE)(
             _binary_conv_kernel
@@ -1110,7 +1115,8 @@ def binary_conv2d(
         else:
             pbits = dummy
     if m > 0:
-        kernel, config = _launcher(code, block, m, cout, x.words * 32)
+        residual = p is not None and (p.residual is not None or p.post_residual is not None)
+        kernel, config = _launcher(code, block, cout, x.words * 32, residual)
         w_arg = weight.int8 if code == 0 else weight.bits
 
         def grid(meta):

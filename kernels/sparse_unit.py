@@ -416,7 +416,7 @@ def _sparse_conv_kernel(
 def _sparse_configs(method: int) -> list:
     if method == 0:
         # Tiles that compile without spills on sm_90, triton 3.6 and 3.9 (compile_report.py --kernel sparse).
-        shapes = [(16, 64, 4), (32, 64, 4), (64, 32, 8), (128, 32, 8)]
+        shapes = [(16, 64, 4), (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 4)]
         return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=3) for n, k, w in shapes]
     shapes = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8)]
     return [triton.Config(dict(BN=n, BK=k), num_warps=w, num_stages=2) for n, k, w in shapes]
@@ -430,15 +430,15 @@ _SPARSE_TUNED = {}
 def sparse_heuristic_config(method: int, cout: int, cin_pad: int) -> dict:
     """One tile per layer shape (CUDA, no autotuning): the tile's 64 pixels x BN channels.
 
-    Chosen with bench/compile_report.py --kernel sparse for sm_90 on triton 3.6 and 3.9:
-    no spills and at most ~130 registers per thread (BN=128 tiles need 208-255). Cached:
-    the same dict for the same arguments (callers read it, never change it).
+    As the dense conv's rule (``binary_conv._heuristic_config``: the widest tile the layer
+    fills, 4 warps) with BN at most 64: chosen with bench/compile_report.py --kernel sparse
+    for sm_90 on triton 3.6 and 3.9, no spills and at most ~170 registers per thread (BN = 128
+    tiles need 244-255 and spill at BK = 64; 8 warps issue twice the instructions per MAC).
+    Cached: the same dict for the same arguments (callers read it, never change it).
     """
     if method == 0:
-        bn = min(64, max(16, _pow2(cout)))
-        if bn == 64:
-            return dict(BN=64, BK=32, num_warps=8, num_stages=3)
-        return dict(BN=bn, BK=64, num_warps=4, num_stages=3)
+        bk = 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
+        return dict(BN=min(64, max(16, _pow2(cout))), BK=bk, num_warps=4, num_stages=3)
     return dict(BN=min(64, max(16, _pow2(cout))), BK=min(64, max(32, _pow2(cin_pad))), num_warps=4, num_stages=2)
 
 

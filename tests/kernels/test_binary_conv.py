@@ -433,16 +433,17 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("cin, cout, m", [(70, 130, 100), (40, 70, 40000), (35, 16, 40000), (33, 40, 100)],
-                         ids=["BN128-BK32", "BM128-BN64", "BM128-BN32", "BN64"])
-def test_cuda_heuristic_tiles_are_exact(method, cin, cout, m):
-    # The tiles the kernels launch with on CUDA (kernels/binary_conv._heuristic_config, chosen
-    # for registers: e.g. BK = 32, one packed word a step, with BN = 128), run here on a small
-    # input (``m`` only picks the tile): exact accumulators, and packed bits of the stored values.
+@pytest.mark.parametrize("cin, cout, residual", [(130, 130, False), (70, 130, False), (130, 130, True),
+                                                  (40, 70, False), (20, 16, False)],
+                         ids=["BN128-BK128", "BN128-BK64", "residual-BN64-BK128", "BN64-BK64", "BN32-BK32"])
+def test_cuda_heuristic_tiles_are_exact(method, cin, cout, residual):
+    # The tiles the kernels launch with on CUDA (kernels/binary_conv._heuristic_config: BN and
+    # BK up to 128, BN at most 64 with a residual), run here on a small input (``residual``
+    # only picks the tile): exact accumulators, and packed bits of the stored values.
     from bimatting_triton.kernels.binary_conv import _heuristic_config
     from bimatting_triton.kernels.pack import words_for
 
-    cfg = _heuristic_config(0 if method == "dot" else 1, m, cout, words_for(cin) * 32)
+    cfg = _heuristic_config(0 if method == "dot" else 1, cout, words_for(cin) * 32, residual)
     block = (cfg["BM"], cfg["BN"], cfg["BK"])
     pa = sign_pack(_activations(2, cin, 5, 7))
     pw = pack_weight(_weights(cout, cin, 3))
