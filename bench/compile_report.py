@@ -85,7 +85,7 @@ def default_tile(kernel: str, method: int, shape) -> dict:
     cin, cout = shape[:2]
     if kernel == "sparse":
         return dict(BM=0, **sparse_unit.sparse_heuristic_config(method, cout, words_for(cin) * 32))
-    return binary_conv._heuristic_config(method, cout, words_for(cin) * 32)
+    return binary_conv._heuristic_config(method, cout, words_for(cin) * 32, taps=shape[4] ** 2)
 
 
 def _parse_tile(text: str) -> dict:

@@ -133,7 +133,7 @@ def test_packed_conv(benchmark, shape, method):
     benchmark.group = _ids(shape)
     benchmark.name = f"packed-{method}"
     benchmark.extra_info["config"] = str(
-        _heuristic_config(0 if method == "dot" else 1, shape[1], packed_x.words * 32))
+        _heuristic_config(0 if method == "dot" else 1, shape[1], packed_x.words * 32, taps=shape[4] ** 2))
     _timed(benchmark, lambda: binary_conv2d(packed_x, packed_w, epilogue, method=method))
 
 

@@ -16,8 +16,8 @@ Bit layouts
   channel order, output channels contiguous (coalesced loads of a tile of Cout);
   a degenerate output channel (all ``w_c == 0``) has nonzero bits 0, so it reads as 0.
   ``int8``: the same values unpacked, int8 (KH, KW, 32*CW, Cout), padding rows 0, the rows
-  of each word in :func:`dot_channel_order` (row ``4n + j`` of a word is channel ``n + 8j``)
-  and each output channel's rows contiguous in memory (see :func:`dot_weights`).
+  of each word in :func:`dot_channel_order` (row ``4n + j`` of a word is channel ``n + 8j``),
+  stored as (Cout, KH, KW, 32*CW) (see :func:`dot_weights`).
 
 Exactness of the two corrections (padding and sign(0)): every product is
 ``value_a * value_w`` with value ``nonzero - 2*sign``; padded channels, out-of-image
@@ -104,6 +104,7 @@ __all__ = [
     "PackedWeight",
     "dot_channel_order",
     "dot_weights",
+    "taps_per_step",
     "pack_weight",
     "pack_conv",
     "fold_scale_shift",
@@ -173,8 +174,8 @@ class PackedWeight:
             raise ValueError(
                 f"PackedWeight.int8 must be an int8 tensor of shape {(kh, kw, cw * WORD_BITS, cout)} on {b.device}"
             )
-        elif not self.int8.transpose(2, 3).is_contiguous():  # (rows contiguous, as dot_weights lays them out)
-            object.__setattr__(self, "int8", self.int8.transpose(2, 3).contiguous().transpose(2, 3))
+        elif not self.int8.permute(3, 0, 1, 2).is_contiguous():  # (laid out as dot_weights does)
+            object.__setattr__(self, "int8", self.int8.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0))
 
     @property
     def out_channels(self) -> int:
@@ -220,11 +221,14 @@ def dot_channel_order(cin_pad: int, device=None) -> Tensor:
 
 def dot_weights(bits: Tensor) -> Tensor:
     """int8 (KH, KW, 32*CW, Cout) weight values {-1, 0, +1} from packed ``bits`` (KH, KW, 2, CW,
-    Cout), the rows in :func:`dot_channel_order` and each output channel's rows contiguous in
-    memory (strides (., ., 1, 32*CW): the int8 dot's operand is read along the input channels)."""
+    Cout), the rows of each word in :func:`dot_channel_order`, stored as a contiguous
+    (Cout, KH, KW, 32*CW) tensor: each output channel's (tap, channel) rows follow one another
+    in memory (the int8 dot's operand is read along them, whole taps at a time for layers
+    with few channels)."""
     cin_pad = bits.shape[3] * WORD_BITS
     vals = unpack_values(bits.permute(0, 1, 4, 2, 3), cin_pad, torch.int8)  # (KH, KW, Cout, 32*CW)
-    return vals[..., dot_channel_order(cin_pad, bits.device)].contiguous().transpose(2, 3)
+    ordered = vals[..., dot_channel_order(cin_pad, bits.device)]
+    return ordered.permute(2, 0, 1, 3).contiguous().permute(1, 2, 3, 0)
 
 
 def pack_weight(weight: Tensor, stride: int = 1, padding: int | None = None) -> PackedWeight:
@@ -694,8 +698,23 @@ def _quad(z, s, N: tl.constexpr):
     return sq * 0xFE + zq
 
 
+# unpack_words' form: tl.join in compiled kernels; under the interpreter, whose cost is per
+# operation, one broadcast over the 32 bit positions (the same values in the same order, six
+# operations instead of ~70; tests/kernels/test_binary_conv.py checks both forms).
+_UNPACK_BY_JOIN = tl.constexpr(not interpreting())
+
+
 @triton.jit
-def unpack_words(z, s):
+def _unpack_by_broadcast(z, s):
+    k = tl.arange(0, 32)
+    bit = (k % 4) * 8 + k // 4  # the bit at position k of a word (dot_channel_order)
+    zb = (z[:, :, None] >> bit[None, None, :]) & 1
+    sb = (s[:, :, None] >> bit[None, None, :]) & 1
+    return (zb - 2 * sb).to(tl.int8)
+
+
+@triton.jit
+def unpack_words(z, s, BY_JOIN: tl.constexpr = _UNPACK_BY_JOIN):
     """(R, C) int32 words (nonzero plane ``z``, sign plane ``s`` with s & ~z == 0) ->
     (R, C, 2, 2, 2, 2, 2) int8 values ``z_bit - 2 s_bit`` in {-1, 0, +1}; reshaped to
     (R, 32 C), position ``32 w + 4 n + j`` holds bit ``n + 8 j`` of word ``w``
@@ -706,7 +725,11 @@ def unpack_words(z, s):
     32 values in the thread that loaded the word (vector stores to the dot operand), where a
     broadcast over a bit axis would spread one bit per lane (a load and a byte store each).
     Each join appends a dimension after the earlier ones, so joining quad ``n`` with
-    ``n + 4``, then ``+ 2``, then ``+ 1`` (and the bytes likewise) gives the order above."""
+    ``n + 4``, then ``+ 2``, then ``+ 1`` (and the bytes likewise) gives the order above.
+    ``BY_JOIN`` False: the same values as (R, C, 32), by a broadcast over the bit positions
+    (the interpreter's default: fewer operations there)."""
+    if not BY_JOIN:
+        return _unpack_by_broadcast(z, s)
     q = tl.join(tl.join(tl.join(_quad(z, s, 0), _quad(z, s, 4)), tl.join(_quad(z, s, 2), _quad(z, s, 6))),
                 tl.join(tl.join(_quad(z, s, 1), _quad(z, s, 5)), tl.join(_quad(z, s, 3), _quad(z, s, 7))))
     return tl.join(tl.join(q.to(tl.int8), (q >> 16).to(tl.int8)), tl.join((q >> 8).to(tl.int8), (q >> 24).to(tl.int8)))
@@ -717,11 +740,14 @@ def conv_accumulate(
     x_ptr, w_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     METHOD: tl.constexpr, HW_POPC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TAPS: tl.constexpr = 1,
 ):
     """Exact int32 accumulator (BM, BN) of output pixels (n_img, oh, ow) (BM,) x channels offs_n (BN,).
 
     ``n_img`` may be a scalar (one image per tile). Rows with ``m_ok`` False and columns
     with ``n_ok`` False are 0. Weights as :func:`binary_conv2d` passes them (``METHOD``).
+    ``TAPS`` > 1 ('dot' only, :func:`taps_per_step`): each step takes ``TAPS`` whole taps of
+    a layer with few input channels (``CW * TAPS == BK // 32``) instead of one tap's channels.
     """
     cin_pad = CW * 32
     acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -729,54 +755,79 @@ def conv_accumulate(
     # step's addresses and bit tensors are live at a time (unrolling the taps kept all nine
     # taps' row addresses in registers: 255 registers and spills, see bench/compile_report.py),
     # and Triton's software pipeliner sees a single loop. What does not change along the loop
-    # is computed before it: each step adds a scalar offset (the tap's, the channel block's)
-    # to per-row / per-column bases, and (tap, step) are counted, not divided out.
+    # is computed before it: each step adds offsets (the tap's, the channel block's) to
+    # per-row / per-column bases, and (tap, step) are counted, not divided out.
     ih0 = oh * STRIDE - PAD  # input row and column of tap (0, 0)
     iw0 = ow * STRIDE - PAD
     pix0 = ((n_img * H + ih0) * W + iw0).to(tl.int64) * (2 * CW)  # word offset of its sign plane
     kw_ = tl.arange(0, BK // 32)
     if METHOD == 0:
-        steps_per_tap = tl.cdiv(cin_pad, BK)
         kk = tl.arange(0, BK)
-        w_rows = offs_n.to(tl.int64) * cin_pad  # int8 weights: (tap, Cout, 32*CW), channels contiguous
-    else:
-        steps_per_tap = tl.cdiv(CW, BK // 32)
-    tap = 0
-    step = 0
-    for it in range(0, KH * KW * steps_per_tap):
-        kh = tap // KW
-        kw = tap - kh * KW
-        # Out-of-image taps load all-zero words: nonzero bits 0 => they contribute 0.
-        inside = m_ok & (ih0 >= -kh) & (ih0 < H - kh) & (iw0 >= -kw) & (iw0 < W - kw)
-        pix = pix0 + (kh * W + kw) * (2 * CW)
-        word = step * (BK // 32) + kw_
-        w_ok = word < CW
-        amask = inside[:, None] & w_ok[None, :]
-        a_ptr = x_ptr + pix[:, None] + word[None, :]
-        z = tl.load(a_ptr + CW, mask=amask, other=0)
-        s = tl.load(a_ptr, mask=amask, other=0) & z
-        if METHOD == 0:
-            # Each word loaded once (BM, BK/32) and its 32 values made in the thread that
-            # loaded it: channel = 32 * word + bit, the order of the weight rows.
+        # int8 weights (dot_weights): per output channel, (tap, channel) rows contiguous
+        w_rows = offs_n.to(tl.int64) * (KH * KW * cin_pad)
+    if METHOD == 0 and TAPS > 1:
+        # Step ``it`` covers taps it*TAPS .. it*TAPS + TAPS - 1, each whole (CW words): word
+        # slot j of the step is word j % CW of tap it*TAPS + j // CW, and the weight rows of
+        # those taps follow one another, so the step's rows are it*BK .. it*BK + BK - 1.
+        CWC: tl.constexpr = BK // 32 // TAPS  # == CW (the launch guarantees it)
+        slot_tap = kw_ // CWC
+        slot_word = kw_ % CWC
+        for it in range(0, tl.cdiv(KH * KW, TAPS)):
+            tap = it * TAPS + slot_tap  # (BK/32,)
+            kh = tap // KW
+            kw = tap - kh * KW
+            amask = (m_ok[:, None] & (tap < KH * KW)[None, :] & (ih0[:, None] >= -kh[None, :])
+                     & (ih0[:, None] < H - kh[None, :]) & (iw0[:, None] >= -kw[None, :])
+                     & (iw0[:, None] < W - kw[None, :]))
+            a_ptr = x_ptr + pix0[:, None] + ((kh * W + kw) * (2 * CW) + slot_word)[None, :]
+            z = tl.load(a_ptr + CW, mask=amask, other=0)
+            s = tl.load(a_ptr, mask=amask, other=0) & z
             a = tl.reshape(unpack_words(z, s), (BM, BK))
-            # (BK, BN) read along the input channels, contiguous in memory: the int8 dot's
-            # operand layout (K-major), so the tile goes to shared memory without a transpose
-            ch0 = step * BK
-            b_ptr = w_ptr + (tap * COUT).to(tl.int64) * cin_pad + ch0 + w_rows[None, :] + kk[:, None]
-            b = tl.load(b_ptr, mask=(ch0 + kk < cin_pad)[:, None] & n_ok[None, :], other=0)
+            row = it * BK + kk
+            b = tl.load(w_ptr + w_rows[None, :] + row[:, None], mask=(row < KH * KW * cin_pad)[:, None] & n_ok[None, :],
+                        other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    else:
+        if METHOD == 0:
+            steps_per_tap = tl.cdiv(cin_pad, BK)
         else:
-            b_ptr = w_ptr + (tap * 2 * CW + word).to(tl.int64)[:, None] * COUT + offs_n[None, :]
-            bmask = w_ok[:, None] & n_ok[None, :]
-            wz = tl.load(b_ptr + CW * COUT, mask=bmask, other=0)
-            ws = tl.load(b_ptr, mask=bmask, other=0) & wz
-            valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
-            neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
-            acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
-        step += 1
-        wrapped = step == steps_per_tap
-        tap = tl.where(wrapped, tap + 1, tap)
-        step = tl.where(wrapped, 0, step)
+            steps_per_tap = tl.cdiv(CW, BK // 32)
+        tap = 0
+        step = 0
+        for it in range(0, KH * KW * steps_per_tap):
+            kh = tap // KW
+            kw = tap - kh * KW
+            # Out-of-image taps load all-zero words: nonzero bits 0 => they contribute 0.
+            inside = m_ok & (ih0 >= -kh) & (ih0 < H - kh) & (iw0 >= -kw) & (iw0 < W - kw)
+            pix = pix0 + (kh * W + kw) * (2 * CW)
+            word = step * (BK // 32) + kw_
+            w_ok = word < CW
+            amask = inside[:, None] & w_ok[None, :]
+            a_ptr = x_ptr + pix[:, None] + word[None, :]
+            z = tl.load(a_ptr + CW, mask=amask, other=0)
+            s = tl.load(a_ptr, mask=amask, other=0) & z
+            if METHOD == 0:
+                # Each word loaded once (BM, BK/32) and its 32 values made in the thread that
+                # loaded it, in the order of the weight rows (unpack_words).
+                a = tl.reshape(unpack_words(z, s), (BM, BK))
+                # (BK, BN) read along the input channels, contiguous in memory: the int8 dot's
+                # operand layout (K-major), so the tile goes to shared memory without a transpose
+                ch = step * BK + kk
+                b = tl.load(w_ptr + w_rows[None, :] + (tap * cin_pad + ch)[:, None],
+                            mask=(ch < cin_pad)[:, None] & n_ok[None, :], other=0)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:
+                b_ptr = w_ptr + (tap * 2 * CW + word).to(tl.int64)[:, None] * COUT + offs_n[None, :]
+                bmask = w_ok[:, None] & n_ok[None, :]
+                wz = tl.load(b_ptr + CW * COUT, mask=bmask, other=0)
+                ws = tl.load(b_ptr, mask=bmask, other=0) & wz
+                valid = z[:, :, None] & wz[None, :, :]  # (BM, BK/32, BN): both nonzero
+                neg = (s[:, :, None] ^ ws[None, :, :]) & valid  # product -1
+                acc += tl.sum(popcount32(valid, HW_POPC) - 2 * popcount32(neg, HW_POPC), axis=1)
+            step += 1
+            wrapped = step == steps_per_tap
+            tap = tl.where(wrapped, tap + 1, tap)
+            step = tl.where(wrapped, 0, step)
     return acc
 
 
@@ -884,6 +935,7 @@ def _binary_conv_kernel(
     ACT: tl.constexpr, HAS_BB: tl.constexpr, R2_MODE: tl.constexpr, MASK_MODE: tl.constexpr,
     STORE_Y: tl.constexpr, STORE_P: tl.constexpr, HAS_NB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,  # BK: input channels per step, a multiple of 32
+    TAPS: tl.constexpr,  # whole taps per step (taps_per_step), or 1
 ):
     # Implicit GEMM: rows = output pixels m = (n*HO + oh)*WO + ow, columns = output
     # channels, reduction over (kh, kw, input channel).
@@ -898,7 +950,7 @@ def _binary_conv_kernel(
     ow = offs_m % WO
 
     acc = conv_accumulate(x_ptr, w_ptr, n_img, oh, ow, m_ok, offs_n, n_ok, H, W, CW, COUT,
-                          KH, KW, STRIDE, PAD, METHOD, HW_POPC, BM, BN, BK)
+                          KH, KW, STRIDE, PAD, METHOD, HW_POPC, BM, BN, BK, TAPS)
 
     # ---- epilogue ----
     mask = m_ok[:, None] & n_ok[None, :]
@@ -945,7 +997,7 @@ _RESTORE = ["y_ptr"]
 
 
 @functools.lru_cache(maxsize=1024)
-def _heuristic_config(method: int, cout: int, cin_pad: int, residual: bool = False) -> dict:
+def _heuristic_config(method: int, cout: int, cin_pad: int, residual: bool = False, taps: int = 1) -> dict:
     """One tile per layer shape (CUDA, no autotuning). Cached: the same dict for the same
     arguments (callers read it, never change it).
 
@@ -958,26 +1010,40 @@ def _heuristic_config(method: int, cout: int, cin_pad: int, residual: bool = Fal
     peak at 64x32x64, 1.5x at 64x128x64, 1.9x at 64x128x128; 8 warps on BM = 64 or 4 warps on
     BM = 128 issue far more per MAC). With a ``residual`` (or post-residual) in the epilogue,
     BN is at most 64: its loads on top of a 64x128 accumulator in 128 threads spill
-    (``bench/compile_model.py --check``; the 'avgpool' shortcut most).
+    (``bench/compile_model.py --check``; the 'avgpool' shortcut most). A layer of ``taps`` > 1
+    taps (3x3) with at most 64 input channels takes two whole taps a step (BK = 2 * cin_pad,
+    :func:`taps_per_step`) instead of one: 5 steps instead of 9, about 1.3-1.8x fewer
+    instructions per frame for those layers (four taps of 32 channels a step waste a quarter
+    of the last step and issue more).
     """
     bn = 128 if cout >= 128 and not residual else 64 if cout >= 64 else 32
     if method == 0:
-        bk = 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
+        bk = 2 * cin_pad if taps > 1 and cin_pad <= 64 else 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
         return dict(BM=64, BN=bn, BK=bk, num_warps=4, num_stages=3)
     # popcount: the (BM, BK/32, BN) AND/XOR words stay small with BN = 32
     return dict(BM=64, BN=32, BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)
 
 
+def taps_per_step(method: int, taps: int, cw: int, bk: int) -> int:
+    """Whole taps per step of the packed conv's loop (its ``TAPS``): ``BK / 32 / CW`` for a
+    'dot' layer of several taps whose ``CW`` words divide a step's ``BK / 32``, else 1 (a step
+    takes one tap's channels). E.g. a 3x3 layer of 32 channels at BK = 128: 3 steps of 4 taps
+    instead of 9 steps that each fill a quarter of the tile."""
+    words = bk // 32
+    return words // cw if method == 0 and taps > 1 and cw < words and words % cw == 0 else 1
+
+
 def _launcher(method: int, block: tuple[int, int, int] | None, cout: int = 1, cin_pad: int = 32,
-              residual: bool = False):
+              residual: bool = False, taps: int = 1):
     """The kernel to launch and its tile: ``block`` if given, one fixed tile under the
-    interpreter, autotuned with ``BIMATTING_AUTOTUNE=1``, else a heuristic tile."""
+    interpreter, autotuned with ``BIMATTING_AUTOTUNE=1`` (an empty tile: the autotuner's), else
+    a heuristic tile."""
     if block is not None:
         return _binary_conv_kernel, dict(BM=block[0], BN=block[1], BK=block[2])
     if interpreting():
         return _binary_conv_kernel, _INTERPRETER_CONFIG
     if not autotuning():
-        return _binary_conv_kernel, _heuristic_config(method, cout, cin_pad, residual)
+        return _binary_conv_kernel, _heuristic_config(method, cout, cin_pad, residual, taps)
     if method not in _TUNED:
         _TUNED[method] = triton.autotune(configs=_cuda_configs(method), key=_KEY, restore_value=_RESTORE)(
             _binary_conv_kernel
@@ -1116,7 +1182,8 @@ def binary_conv2d(
             pbits = dummy
     if m > 0:
         residual = p is not None and (p.residual is not None or p.post_residual is not None)
-        kernel, config = _launcher(code, block, cout, x.words * 32, residual)
+        kernel, config = _launcher(code, block, cout, x.words * 32, residual, kh * kw)
+        taps = taps_per_step(code, kh * kw, x.words, config["BK"]) if "BK" in config else 1
         w_arg = weight.int8 if code == 0 else weight.bits
 
         def grid(meta):
@@ -1126,7 +1193,7 @@ def binary_conv2d(
             x.bits, w_arg, m, h, w, ho, wo, x.words, cout,
             *vectors, *res1, *res2, *margs, *aargs, y, *y.stride(), pbits, pcw,
             KH=kh, KW=kw, STRIDE=weight.stride, PAD=weight.padding,
-            METHOD=code, HW_POPC=hardware_popcount(x.bits), **flags, **config,
+            METHOD=code, HW_POPC=hardware_popcount(x.bits), **flags, TAPS=taps, **config,
         )
         note_compiled(f"binary_conv{kh}x{kw}s{weight.stride}", config, compiled)
     if p is None:

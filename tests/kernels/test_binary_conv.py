@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from bimatting_triton.kernels import _common
 from bimatting_triton.kernels.binary_conv import (
@@ -28,6 +30,7 @@ from bimatting_triton.kernels.binary_conv import (
     fold_scale_shift,
     pack_conv,
     pack_weight,
+    unpack_words,
 )
 from bimatting_triton.kernels.pack import sign_pack, sign_pack_reference
 from bimatting_triton.nn import BiConv2d, LearnableBias, binarize_weight
@@ -74,7 +77,7 @@ def test_pack_weight_equals_binarize_weight(k):
     # int8 copy used by the 'dot' path: same values, rows in the dot path's channel order
     # (row 4n + j of a word is channel n + 8j), padding channels zero, rows contiguous
     i8 = pw.int8  # (k, k, 96, 40)
-    assert i8.shape == (k, k, 96, 40) and i8.stride()[2:] == (1, 96)
+    assert i8.shape == (k, k, 96, 40) and i8.permute(3, 0, 1, 2).is_contiguous()
     order = dot_channel_order(96)
     assert sorted(order.tolist()) == list(range(96)) and order[:8].tolist() == [0, 8, 16, 24, 1, 9, 17, 25]
     natural = torch.empty_like(i8)
@@ -123,6 +126,49 @@ def test_accumulator_exact(case, method):
     a = torch.sign(x + bias.reshape(1, -1, 1, 1)).double()
     wv = pw.values(torch.float64)
     assert torch.equal(ref, F.conv2d(a, wv, stride=s, padding=k // 2).round().to(torch.int32))
+
+
+@triton.jit
+def _unpack_kernel(z_ptr, s_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr, BY_JOIN: tl.constexpr):
+    offs = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    z = tl.load(z_ptr + offs)
+    s = tl.load(s_ptr + offs) & z
+    a = tl.reshape(unpack_words(z, s, BY_JOIN), (R, 32 * C))
+    tl.store(out_ptr + tl.arange(0, R)[:, None] * (32 * C) + tl.arange(0, 32 * C)[None, :], a)
+
+
+@pytest.mark.parametrize("by_join", [True, False], ids=["join", "broadcast"])
+def test_unpack_words_both_forms(by_join):
+    # unpack_words' two forms (tl.join, compiled kernels; a broadcast, the interpreter's
+    # default) give every word's values z - 2s in dot_channel_order, exactly.
+    r, c = 4, 2
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randint(-2**31, 2**31, (r, c), generator=gen, dtype=torch.int64).to(torch.int32)
+    s = torch.randint(-2**31, 2**31, (r, c), generator=gen, dtype=torch.int64).to(torch.int32)
+    z[0, 0], s[1, 1] = -1, -1  # all nonzero; all negative where nonzero
+    out = torch.empty(r, 32 * c, dtype=torch.int8, device=DEVICE)
+    _unpack_kernel[(1,)](z.to(DEVICE), s.to(DEVICE), out, R=r, C=c, BY_JOIN=by_join)
+    bits = torch.arange(32)
+    zb = (z[:, :, None] >> bits) & 1
+    sb = (s[:, :, None] >> bits) & 1 & zb
+    natural = (zb - 2 * sb).reshape(r, 32 * c).to(torch.int8)  # channel 32 w + b
+    assert torch.equal(out.cpu(), natural[:, dot_channel_order(32 * c)])
+
+
+@pytest.mark.parametrize("cin, stride, bk", [(20, 1, 128), (20, 2, 64), (50, 1, 128), (50, 2, 128), (10, 1, 32)],
+                         ids=["c20-4taps", "c20s2-2taps", "c50-2taps", "c50s2-2taps", "c10-1tap"])
+def test_several_taps_per_step(cin, stride, bk):
+    # Layers with one or two words of input channels take whole taps a step ('dot' path,
+    # taps_per_step): 9 taps in steps of 4 (the last one holding 1) or 2, with their own
+    # out-of-image masks, odd sizes, batch > 1; exact against the reference.
+    from bimatting_triton.kernels.binary_conv import taps_per_step
+
+    pa = sign_pack(_activations(3, cin, 7, 5, "zeros"))
+    pw = pack_weight(_weights(40, cin, 3), stride=stride)
+    assert taps_per_step(0, 9, pa.words, bk) == (bk // 32) // pa.words if pa.words < bk // 32 else 1
+    got = binary_conv2d(pa, pw, method="dot", block=(16, 32, bk))
+    assert torch.equal(got, binary_conv2d_reference(pa, pw))
+    assert taps_per_step(0, 1, 1, 128) == 1 and taps_per_step(1, 9, 1, 128) == 1 and taps_per_step(0, 9, 3, 128) == 1
 
 
 def test_accumulator_default_tiles_and_noncontiguous_source():
