@@ -996,6 +996,13 @@ _TUNED = {}
 _RESTORE = ["y_ptr"]
 
 
+def dot_channel_step(cin_pad: int) -> int:
+    """Input channels a step of the 'dot' loop takes by default (its BK): as many as the layer
+    has (``cin_pad``, a multiple of 32), up to 128, a power of two. The dense and sparse
+    heuristic tiles both use it."""
+    return 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
+
+
 @functools.lru_cache(maxsize=1024)
 def _heuristic_config(method: int, cout: int, cin_pad: int, residual: bool = False, taps: int = 1) -> dict:
     """One tile per layer shape (CUDA, no autotuning). Cached: the same dict for the same
@@ -1018,7 +1025,7 @@ def _heuristic_config(method: int, cout: int, cin_pad: int, residual: bool = Fal
     """
     bn = 128 if cout >= 128 and not residual else 64 if cout >= 64 else 32
     if method == 0:
-        bk = 2 * cin_pad if taps > 1 and cin_pad <= 64 else 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
+        bk = 2 * cin_pad if taps > 1 and cin_pad <= 64 else dot_channel_step(cin_pad)
         return dict(BM=64, BN=bn, BK=bk, num_warps=4, num_stages=3)
     # popcount: the (BM, BK/32, BN) AND/XOR words stay small with BN = 32
     return dict(BM=64, BN=32, BK=min(64, max(32, pow2(cin_pad))), num_warps=4, num_stages=2)

@@ -83,6 +83,7 @@ from .binary_conv import (
     binary_conv2d_reference,
     channel_flags,
     conv_accumulate,
+    dot_channel_step,
     epilogue_flags,
     epilogue_values,
     epilogue_vectors,
@@ -437,8 +438,7 @@ def sparse_heuristic_config(method: int, cout: int, cin_pad: int) -> dict:
     Cached: the same dict for the same arguments (callers read it, never change it).
     """
     if method == 0:
-        bk = 128 if cin_pad >= 128 else 64 if cin_pad >= 64 else 32
-        return dict(BN=min(64, max(16, _pow2(cout))), BK=bk, num_warps=4, num_stages=3)
+        return dict(BN=min(64, max(16, _pow2(cout))), BK=dot_channel_step(cin_pad), num_warps=4, num_stages=3)
     return dict(BN=min(64, max(16, _pow2(cout))), BK=min(64, max(32, _pow2(cin_pad))), num_warps=4, num_stages=2)
 
 
