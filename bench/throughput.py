@@ -7,7 +7,9 @@
 Variants, measured side by side on the same random clip:
 
 * ``bimatting-fused``  BiMatting through ``bimatting_triton.convert`` (Triton kernels,
-  sparse decoder); needs CUDA. ``bimatting-fused-fp16``: the same in half precision
+  sparse decoder) on CUDA; elsewhere the same converted model through its plain-PyTorch
+  references (packed weights, exact integer convolutions, no Triton).
+  ``bimatting-fused-fp16``: the same in half precision
   (fp16 activations and float parts, fp32 epilogue arithmetic), against RVM fp16.
 * ``bimatting-plain``  BiMatting in plain PyTorch, binary layers simulated in float32
   (what the published BiMatting code runs).
@@ -93,16 +95,22 @@ def build_variant(name: str, device: torch.device, compile_float: bool) -> tuple
     """(model or None, dtype name or the reason it cannot run, notes)."""
     notes: list[str] = []
     if name.startswith("bimatting-fused"):
-        if device.type != "cuda":
+        dtype = torch.float16 if name.endswith("fp16") else torch.float32
+        if device.type != "cuda" and dtype == torch.float16:
             return None, "skipped: the fused Triton kernels need a CUDA device", notes
         try:
             from bimatting_triton import convert  # added with the kernels
         except ImportError:
             return None, "skipped: bimatting_triton.convert is not available in this version", notes
-        dtype = torch.float16 if name.endswith("fp16") else torch.float32
         if dtype == torch.float16:
             notes.append("fp16 activations, fp32 epilogues")
-        model = convert(BiMatting().eval().to(device, dtype))
+        backend = "auto"
+        if device.type != "cuda":
+            # the same packed model through its plain-PyTorch references (what convert() runs
+            # where Triton cannot: exact integer convolutions of the unpacked bits)
+            backend = "reference"
+            notes.append("no CUDA: packed weights through the plain-PyTorch references, not the Triton kernels")
+        model = convert(BiMatting().eval().to(device, dtype), backend=backend)
         return model, str(dtype).removeprefix("torch."), notes
     if name == "rvm-fp16" and device.type != "cuda":
         return None, "skipped: fp16 convolutions need a CUDA device", notes
@@ -371,7 +379,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         for p in profiles:
             print(p)
         if device.type != "cuda":
-            print("note: no CUDA device, so only the plain-PyTorch variants ran; the fused Triton kernels need CUDA.")
+            print("note: no CUDA device: bimatting-fused ran the converted model's plain-PyTorch references "
+                  "(packed weights, exact integer convolutions), not the Triton kernels, which need CUDA "
+                  "(as do the fp16 variants).")
         else:
             print("note: cuDNN autotuning on (torch.backends.cudnn.benchmark) for every variant's PyTorch "
                   "convolutions; the warm-up calls pay for it.")

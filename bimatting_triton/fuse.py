@@ -30,7 +30,8 @@ A ``BiConv2d`` outside these structures (e.g. in a model brought in with
 ``backend='auto'`` runs the Triton
 kernels where they can run (CUDA, or the CPU under ``TRITON_INTERPRET=1``) and their
 plain-PyTorch references elsewhere; ``backend='reference'`` always runs the references
-(same packed weights and folded epilogues, float64 integer convolution).
+(same packed weights and folded epilogues, exact integer convolutions of the unpacked bits,
+float32 on the CPU: about as fast there as the plain model).
 Convert after moving the model to its device and dtype; ``.to()``/``.double()``/``.half()``
 on the converted model also work (packed bits are integer buffers, the epilogue vectors
 follow the float dtype). The epilogues compute in float64 for a float64 model and in

@@ -142,6 +142,9 @@ class PackedWeight:
     stride: int = 1
     padding: int = 0
     int8: Tensor | None = field(default=None, repr=False, compare=False)
+    # values() per dtype, with the version of ``bits`` it was made from (the references'
+    # weights, unpacked once instead of at every call)
+    _values: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         b = self.bits
@@ -200,9 +203,16 @@ class PackedWeight:
         )
 
     def values(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``sign(w_c)`` as (Cout, Cin, KH, KW) of ``dtype``."""
+        """``sign(w_c)`` as (Cout, Cin, KH, KW) of ``dtype`` (made once per dtype and reused
+        while ``bits`` is unchanged; do not write to it)."""
+        version = None if self.bits.is_inference() else self.bits._version  # (inference tensors have none)
+        hit = self._values.get(dtype)
+        if hit is not None and version is not None and hit[0] == version:
+            return hit[1]
         v = unpack_values(self.bits.permute(0, 1, 4, 2, 3), self.in_channels, dtype)  # (KH, KW, Cout, Cin)
-        return v.permute(2, 3, 0, 1).contiguous()
+        v = v.permute(2, 3, 0, 1).contiguous()
+        self._values[dtype] = (version, v)
+        return v
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Output (Ho, Wo) for an (h, w) input."""
@@ -638,18 +648,37 @@ def _epilogue_reference(acc: Tensor, p: _Prepared) -> ConvOutput:
     return ConvOutput(y if p.store_float else None, packed)
 
 
+def integer_conv_dtype(device: torch.device, terms: int) -> torch.dtype:
+    """The float dtype in which ``F.conv2d`` of {-1, 0, +1} values is exact on ``device``, for
+    dot products of ``terms`` products (input channels x taps).
+
+    Every product is -1, 0 or +1 and every partial sum an integer of magnitude <= ``terms``:
+    float32 represents all of them exactly while ``terms`` <= 2**24, in any order of summation,
+    so an algorithm that only multiplies and adds (direct or im2col + GEMM, what PyTorch's CPU
+    convolutions run) returns the exact sum. On the CPU that is float32 (several times faster
+    than float64 there). Elsewhere float64 (every integer below 2**53): cuDNN may choose
+    FFT or Winograd algorithms, whose transforms round even for integer inputs, and float64
+    keeps their error far below the 0.5 that the final rounding absorbs.
+    """
+    if torch.device(device).type == "cpu" and terms <= 2**24:
+        return torch.float32
+    return torch.float64
+
+
 def binary_conv2d_reference(
     x: PackedActivation, weight: PackedWeight, epilogue: Epilogue | BoundEpilogue | None = None
 ) -> Tensor | ConvOutput:
-    """Plain-PyTorch :func:`binary_conv2d`: unpack to float64 {-1, 0, +1} and ``F.conv2d``.
+    """Plain-PyTorch :func:`binary_conv2d`: unpack to floats {-1, 0, +1} and ``F.conv2d``.
 
-    Float64 is exact here (every partial sum is an integer below 2**53). Without an
+    The integer sums are exact in floating point (:func:`integer_conv_dtype`). Without an
     epilogue returns the int32 accumulator (N, Cout, Ho, Wo); with one, a
     :class:`ConvOutput` computed op by op in the order of the module docstring.
     """
     n, _, _, _, ho, wo = _check_conv_args(x, weight)
     prepared = _prepare(epilogue, n, weight.out_channels, ho, wo, x.device) if epilogue is not None else None
-    acc = F.conv2d(x.unpack(torch.float64), weight.values(torch.float64), stride=weight.stride, padding=weight.padding)
+    kh, kw = weight.kernel_size
+    dtype = integer_conv_dtype(x.device, x.words * WORD_BITS * kh * kw)
+    acc = F.conv2d(x.unpack(dtype), weight.values(dtype), stride=weight.stride, padding=weight.padding)
     acc = acc.round().to(torch.int32)
     if prepared is None:
         return acc

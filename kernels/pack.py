@@ -38,6 +38,7 @@ cannot run), :func:`sign_pack_pair` (two biases, one read) and :func:`sign_pack_
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -134,23 +135,58 @@ class PackedActivation:
 # ----------------------------------------------------------------------------------------
 # Plain-PyTorch packing helpers (the specification of the layout)
 # ----------------------------------------------------------------------------------------
-def pack_values(values: Tensor) -> Tensor:
-    """Pack the signs of ``values`` (..., C) into bit planes (..., 2, ceil(C / 32)) int32.
+def _as_words(word_bytes: Tensor) -> Tensor:
+    """(..., 4 * K) uint8, each group of 4 the bytes of a word from least to most significant
+    -> (..., K) int32 words, contiguous."""
+    if sys.byteorder != "little":
+        word_bytes = word_bytes.unflatten(-1, (-1, 4)).flip(-1).flatten(-2)
+    # Copied into a fresh tensor and viewed as int32 (.contiguous() may keep odd strides on
+    # size-1 dimensions, which the view rejects).
+    fresh = torch.empty(word_bytes.shape, dtype=torch.uint8, device=word_bytes.device)
+    return fresh.copy_(word_bytes).view(torch.int32)
+
+
+def _word_bytes(words: Tensor) -> Tensor:
+    """Inverse of :func:`_as_words`: (..., K) int32 -> (..., 4 * K) uint8, least significant first."""
+    if words.stride(-1) != 1:
+        words = words.contiguous()
+    word_bytes = words.view(torch.uint8)
+    if sys.byteorder != "little":
+        word_bytes = word_bytes.unflatten(-1, (-1, 4)).flip(-1).flatten(-2)
+    return word_bytes
+
+
+_BIT_VALUES: dict = {}  # device -> uint8 (8,) [1, 2, 4, ..., 128]
+_BYTE_PAIR_VALUES: dict = {}  # device -> int8 (65536, 8), see unpack_values
+
+
+def pack_values(values: Tensor, dim: int = -1) -> Tensor:
+    """Pack the signs of ``values`` along ``dim`` (C channels, default the last) into bit planes
+    (..., 2, ceil(C / 32)) int32: ``values``' other dimensions in order, then plane and word.
 
     Plane 0 marks ``values < 0``, plane 1 marks ``values != 0``; padding channels are 0.
     Any real dtype; only the sign of each value matters (NaN counts as +1).
     """
     if values.dim() < 1:
-        raise ValueError("pack_values: values must have at least one dimension (channels last)")
-    c = values.shape[-1]
+        raise ValueError("pack_values: values must have at least one dimension (the channels)")
+    dim = dim % values.dim()
+    c = values.shape[dim]
     cw = words_for(c)
-    planes = torch.stack([values < 0, values != 0], dim=-2)  # (..., 2, C) bool
-    if cw * WORD_BITS != c:
-        planes = torch.cat([planes, planes.new_zeros(*planes.shape[:-1], cw * WORD_BITS - c)], dim=-1)
-    planes = planes.reshape(*planes.shape[:-1], cw, WORD_BITS).to(torch.int32)
-    shifts = torch.arange(WORD_BITS, device=values.device, dtype=torch.int32)
-    # Distinct powers of two: the int32 sum is the OR (1 << 31 is -2**31; no overflow).
-    return (planes << shifts).sum(dim=-1, dtype=torch.int32)
+    before, after = values.shape[:dim], values.shape[dim + 1:]
+    planes = torch.zeros(*before, 2, cw * WORD_BITS, *after, dtype=torch.uint8, device=values.device)
+    index = (slice(None),) * dim
+    planes[index + (SIGN, slice(0, c))] = values < 0
+    planes[index + (NONZERO, slice(0, c))] = values != 0
+    # Bytes first, along the channels where they lie (bit j of byte b is channel 8b + j:
+    # distinct powers of two, so the uint8 sum is their OR), then the bytes moved last (an
+    # eighth of the elements) and read four at a time as words, least significant first.
+    # (A product with 2**j: torch's uint8 multiply is vectorised, its uint8 shift is not.)
+    powers = _BIT_VALUES.get(values.device)
+    if powers is None:
+        powers = _BIT_VALUES[values.device] = (1 << torch.arange(8, device=values.device)).to(torch.uint8)
+    powers = powers.reshape(8, *(1,) * len(after))
+    word_bytes = (planes.unflatten(dim + 1, (cw * 4, 8)) * powers).sum(dim=dim + 2, dtype=torch.uint8)
+    return _as_words(word_bytes.movedim((dim, dim + 1), (-2, -1)))
 
 
 def unpack_values(bits: Tensor, channels: int, dtype: torch.dtype = torch.int8) -> Tensor:
@@ -162,11 +198,18 @@ def unpack_values(bits: Tensor, channels: int, dtype: torch.dtype = torch.int8) 
         raise ValueError(f"unpack_values: bits must be int32 (..., 2, CW), got {bits.dtype} {tuple(bits.shape)}")
     if bits.shape[-1] != words_for(channels):
         raise ValueError(f"unpack_values: {bits.shape[-1]} words cannot hold exactly {channels} channels")
-    shifts = torch.arange(WORD_BITS, device=bits.device, dtype=torch.int32)
-    b = (bits.unsqueeze(-1) >> shifts) & 1  # arithmetic shift, then & 1: the bit itself
-    b = b.reshape(*bits.shape[:-1], -1)[..., :channels]
-    sign, nonzero = b[..., 0, :], b[..., 1, :]
-    return (nonzero - 2 * (sign & nonzero)).to(dtype)
+    # A byte of each plane holds 8 channels: one lookup in a table of the 8 values of every
+    # (nonzero byte, sign byte) pair, indexed by nonzero * 256 + sign, unpacks them.
+    table = _BYTE_PAIR_VALUES.get(bits.device)
+    if table is None:
+        pair = torch.arange(65536, device=bits.device)
+        bit = torch.arange(8, device=bits.device)
+        nonzero, sign = ((pair >> 8)[:, None] >> bit) & 1, ((pair & 255)[:, None] >> bit) & 1
+        table = _BYTE_PAIR_VALUES[bits.device] = (nonzero - 2 * (sign & nonzero)).to(torch.int8)
+    word_bytes = _word_bytes(bits)  # (..., 2, 4 * CW)
+    index = word_bytes[..., NONZERO, :].to(torch.int32) * 256 + word_bytes[..., SIGN, :]
+    values = table[index].flatten(-2)[..., :channels]  # (..., 32 * CW) -> (..., channels)
+    return values.to(dtype)
 
 
 def _check_activation(x, name: str, layout: str) -> None:
@@ -268,7 +311,8 @@ def sign_pack_reference(x, bias: Tensor | None = None, layout: str = "NCHW") -> 
     c = x.shape[1]
     if bias is not None:
         x = x + _channel_vector(bias, c, "bias", x.device).reshape(1, c, 1, 1)
-    return PackedActivation(pack_values(torch.sign(x).permute(0, 2, 3, 1)), c)
+    # (pack_values reads only the signs: torch.sign(x) would pack the same bits)
+    return PackedActivation(pack_values(x, dim=1), c)
 
 
 # ----------------------------------------------------------------------------------------

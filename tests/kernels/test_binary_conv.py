@@ -1,6 +1,6 @@
 """Packed binary convolution (kernels/binary_conv.py) against its plain-PyTorch reference.
 
-* Integer accumulators: exact equality with the reference (float64 ``F.conv2d`` of the
+* Integer accumulators: exact equality with the reference (``F.conv2d`` of the
   unpacked {-1, 0, +1} values, exact for integer sums), for both inner loops.
 * The reference itself against ``bimatting_triton.nn`` (LearnableBias -> sign ->
   BiConv2d -> BatchNorm -> residual -> LearnableBias -> PReLU -> LearnableBias).
@@ -28,6 +28,7 @@ from bimatting_triton.kernels.binary_conv import (
     binary_conv2d_reference,
     dot_channel_order,
     fold_scale_shift,
+    integer_conv_dtype,
     pack_conv,
     pack_weight,
     unpack_words,
@@ -126,6 +127,48 @@ def test_accumulator_exact(case, method):
     a = torch.sign(x + bias.reshape(1, -1, 1, 1)).double()
     wv = pw.values(torch.float64)
     assert torch.equal(ref, F.conv2d(a, wv, stride=s, padding=k // 2).round().to(torch.int32))
+
+
+def test_reference_is_exact_at_the_largest_sums():
+    # The reference sums in float32 on the CPU (integer_conv_dtype): exact for every integer up
+    # to 2**24. Largest sums of the model's layers (3x3 over 1024 channels: |sum| up to 9216),
+    # against int64 arithmetic: all products +1 (the extreme), then random signs.
+    cin, cout, h, w = 1024, 3, 4, 5
+    # channel c's weights and activations s_c = +-1, half of each (w - mean keeps the signs)
+    s_c = torch.ones(cin)
+    s_c[::2] = -1
+    for kind in ("extreme", "mostly agreeing", "random"):
+        if kind == "random":
+            x, weight = torch.randn(1, cin, h, w), torch.randn(cout, cin, 3, 3)
+        else:  # extreme: every product +1 where all taps are inside the image; else ~80 % of them
+            flip = 0.1 if kind == "mostly agreeing" else 0.0
+            x = s_c.reshape(1, cin, 1, 1) * torch.where(torch.rand(1, cin, h, w) < flip, -1.0, 1.0)
+            weight = s_c.reshape(1, cin, 1, 1) * torch.where(torch.rand(cout, cin, 3, 3) < flip, -1.0, 1.0)
+            weight = weight * (1 + torch.rand(cout, cin, 3, 3))  # (magnitudes do not matter)
+        pa, pw = sign_pack_reference(x.to(DEVICE)), pack_weight(weight.to(DEVICE))
+        got = binary_conv2d_reference(pa, pw)
+        cols = F.unfold(pa.unpack(torch.float64), 3, padding=1).round().long()  # (1, cin*9, h*w)
+        exact = (pw.values(torch.float64).reshape(cout, -1).round().long() @ cols).reshape(1, cout, h, w)
+        assert torch.equal(got.long(), exact)
+        if kind == "extreme":
+            assert exact.max() == cin * 9  # (the centre pixels: every tap inside the image)
+
+
+def test_integer_conv_dtype():
+    assert integer_conv_dtype(torch.device("cpu"), 9 * 1024) == torch.float32
+    assert integer_conv_dtype(torch.device("cpu"), 2**24 + 1) == torch.float64
+    assert integer_conv_dtype(torch.device("cuda"), 9) == torch.float64  # (cuDNN may choose FFT/Winograd)
+
+
+def test_weight_values_are_reused_until_the_bits_change():
+    pw = pack_weight(torch.randn(8, 40, 3, 3))
+    first = pw.values(torch.float32)
+    assert pw.values(torch.float32) is first
+    assert pw.values(torch.float64).dtype == torch.float64
+    other = pack_weight(torch.randn(8, 40, 3, 3))
+    pw.bits.copy_(other.bits)  # as load_state_dict writes a unit's buffers
+    assert torch.equal(pw.values(torch.float32), other.values(torch.float32))
+    assert not torch.equal(first, other.values(torch.float32))
 
 
 @triton.jit

@@ -73,6 +73,18 @@ def test_pack_values_layout_and_roundtrip():
         assert pad.reshape(3, 4, 2, -1)[..., c:].sum() == 0
 
 
+@pytest.mark.parametrize("shape, dim", [((2, 70, 3, 5), 1), ((1, 33, 1, 1), 1), ((4, 3, 40), -1), ((5, 2, 7), 0)])
+def test_pack_values_along_any_dimension(shape, dim):
+    # Packing along ``dim`` equals moving it last and packing there; size-1 dimensions (the
+    # ASPP's pooled 1x1 branch) and non-contiguous values included.
+    v = torch.randint(-1, 2, shape).float()
+    expected = pack_values(v.movedim(dim, -1).contiguous())
+    assert torch.equal(pack_values(v, dim=dim), expected)
+    strided = torch.randint(-1, 2, (*shape[:-1], 2 * shape[-1])).float()[..., ::2]
+    assert not strided.is_contiguous()
+    assert torch.equal(pack_values(strided, dim=dim), pack_values(strided.movedim(dim, -1).contiguous()))
+
+
 def test_unpack_ignores_sign_without_nonzero():
     bits = torch.zeros(1, 2, 1, dtype=torch.int32)
     bits[0, SIGN, 0] = 0b11
