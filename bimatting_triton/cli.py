@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--refiner", choices=("deep_guided_filter", "fast_guided_filter"),
                        default="deep_guided_filter", help="high-resolution refiner (default: %(default)s)")
     model.add_argument("--fused", action="store_true",
-                       help="run the fused binary kernels (bimatting_triton.convert)")
+                       help="run the packed binary model (bimatting_triton.convert): Triton kernels on "
+                            "CUDA, their plain-PyTorch references elsewhere")
     model.add_argument("--cuda-graph", action="store_true",
                        help="replay each model call as a CUDA graph (CUDA devices; cuts the launch "
                             "overhead of one frame per call; bimatting_triton.CudaGraphStep)")
