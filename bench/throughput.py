@@ -109,7 +109,7 @@ def build_variant(name: str, device: torch.device, compile_float: bool) -> tuple
             # the same packed model through its plain-PyTorch references (what convert() runs
             # where Triton cannot: exact integer convolutions of the unpacked bits)
             backend = "reference"
-            notes.append("no CUDA: packed weights through the plain-PyTorch references, not the Triton kernels")
+            notes.append("no CUDA: its plain-PyTorch references")
         model = convert(BiMatting().eval().to(device, dtype), backend=backend)
         return model, str(dtype).removeprefix("torch."), notes
     if name == "rvm-fp16" and device.type != "cuda":
