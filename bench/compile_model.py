@@ -40,7 +40,7 @@ from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
 from triton_cache_archive import recording_keys, write_sidecar  # noqa: E402
 
 from bimatting_triton import BiMatting, convert  # noqa: E402
-from bimatting_triton.kernels import _common, binary_conv, pack, sparse_unit  # noqa: E402
+from bimatting_triton.kernels import _common, binary_conv, epilogue, pack, sparse_unit  # noqa: E402
 
 KERNELS = {
     binary_conv: ["_binary_conv_kernel"],
@@ -156,7 +156,7 @@ def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None =
         patches.append((module, name, getattr(module, name)))
         setattr(module, name, value)
 
-    for module in (_common, binary_conv, pack, sparse_unit):
+    for module in (_common, binary_conv, epilogue, pack, sparse_unit):
         for name, value in (("triton_can_run", lambda t: True), ("interpreting", lambda: False),
                             ("hardware_popcount", lambda t: True)):
             if hasattr(module, name):

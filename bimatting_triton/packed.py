@@ -18,7 +18,7 @@ nothing it can derive:
   compressed list of entry names), not a zip record per tensor.
 
 Not stored: a unit's ``int8`` weights (unpacked from the bits on load, by
-:class:`~bimatting_triton.kernels.binary_conv.PackedWeight`, as ``convert`` does) and
+:class:`~bimatting_triton.kernels.packed_weight.PackedWeight`, as ``convert`` does) and
 its ``alpha`` (``mean|w_c|``), which the fused forward never reads: it is folded
 into ``scale``. A loaded unit's ``alpha`` holds its ``scale``, which equals the
 original ``alpha`` bitwise where the unit has no BatchNorm and no conv bias, and is

@@ -2,8 +2,10 @@
 
 Each op lives in its own module beside the plain-PyTorch reference it must equal:
 ``pack`` (LearnableBias + sign + bit-pack), ``binary_conv`` (packed 1x1/3x3 binary
-convolution with a fused epilogue) and ``sparse_unit`` (active-tile lists and the
-tile-sparse masked units of the decoder). Under ``TRITON_INTERPRET=1`` (set before import)
+convolution), ``epilogue`` (what the convolutions do with their integer sums: folded
+BatchNorm, residuals, activations, mask, the next layer's sign + pack) and ``sparse_unit``
+(active-tile lists and the tile-sparse masked units of the decoder); ``packed_weight`` holds
+the weights' bit layout. Under ``TRITON_INTERPRET=1`` (set before import)
 the kernels run on the CPU.
 """
 from .binary_conv import (

@@ -71,19 +71,20 @@ from ._common import autotuning, cdiv, hardware_popcount, interpreting, note_com
 from ._common import pow2 as _pow2
 from .binary_conv import (
     METHODS,
+    _check_conv_args,
+    binary_conv2d,
+    binary_conv2d_reference,
+    conv_accumulate,
+    dot_channel_step,
+)
+from .epilogue import (
     BoundEpilogue,
     Epilogue,
-    PackedWeight,
-    _check_conv_args,
     _prepare,
     _residual_args,
     apply_activation,
     apply_mask,
-    binary_conv2d,
-    binary_conv2d_reference,
     channel_flags,
-    conv_accumulate,
-    dot_channel_step,
     epilogue_flags,
     epilogue_values,
     epilogue_vectors,
@@ -91,6 +92,7 @@ from .binary_conv import (
     mask_args,
 )
 from .pack import PackedActivation
+from .packed_weight import PackedWeight
 
 __all__ = [
     "TileList",
