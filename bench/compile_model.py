@@ -40,12 +40,12 @@ from cli_args import parse_frame_size  # noqa: E402  (bench/cli_args.py)
 from triton_cache_archive import recording_keys, write_sidecar  # noqa: E402
 
 from bimatting_triton import BiMatting, convert  # noqa: E402
-from bimatting_triton.kernels import _common, binary_conv, epilogue, pack, sparse_unit  # noqa: E402
+from bimatting_triton.kernels import _common, binary_conv, epilogue, pack, sparse_unit, tile_list  # noqa: E402
 
 KERNELS = {
     binary_conv: ["_binary_conv_kernel"],
-    sparse_unit: ["_sparse_conv_kernel", "_sparse_float_conv_kernel", "_tile_flags_kernel", "_compact_kernel",
-                  "_masked_pair_kernel"],
+    sparse_unit: ["_sparse_conv_kernel", "_sparse_float_conv_kernel", "_masked_pair_kernel"],
+    tile_list: ["_tile_flags_kernel", "_compact_kernel"],
     pack: ["_sign_pack_kernel"],
 }
 
@@ -156,7 +156,7 @@ def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None =
         patches.append((module, name, getattr(module, name)))
         setattr(module, name, value)
 
-    for module in (_common, binary_conv, epilogue, pack, sparse_unit):
+    for module in (_common, binary_conv, epilogue, pack, sparse_unit, tile_list):
         for name, value in (("triton_can_run", lambda t: True), ("interpreting", lambda: False),
                             ("hardware_popcount", lambda t: True)):
             if hasattr(module, name):

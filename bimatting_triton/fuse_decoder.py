@@ -6,7 +6,7 @@ forward arguments and results as the plain blocks (up to float rounding; exactly
 the mask is 0); what changes is that every ``branch3x3(x) * m + branch1x1(x)`` of SPEC §2
 is computed by :func:`~bimatting_triton.kernels.sparse_unit.sparse_unit`: the 1x1 branch
 densely, the 3x3 branch only on the tiles of the level's mask that hold a pixel with
-``m != 0`` (one :class:`~bimatting_triton.kernels.sparse_unit.TileList` per level and
+``m != 0`` (one :class:`~bimatting_triton.kernels.tile_list.TileList` per level and
 forward, built on the device, shared by the block's conv and, frame by frame, its GRU).
 
 * :class:`FusedUpsamplingBlock`: ``y = conv(y) * m + conv_1x1(y)`` (LB -> sign -> BiConv

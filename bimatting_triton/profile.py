@@ -460,7 +460,7 @@ def tile_densities_from_mask(
     """Like :func:`densities_from_mask`, but the fraction of pixels the sparse kernels compute.
 
     The fused decoder (``bimatting_triton.fuse_decoder``) runs its masked 3x3 units on
-    whole tiles (``kernels.sparse_unit.active_tiles``, default tile size) that hold any
+    whole tiles (``kernels.tile_list.active_tiles``, default tile size) that hold any
     pixel with a non-zero mask, so the work done is the pixels of those tiles, which is
     at least the pixel density. decode0's binary unit also computes a 1-pixel halo for
     its float 3x3 conv; its density here is that of the float conv, which dominates it.

@@ -4,8 +4,8 @@ Each op lives in its own module beside the plain-PyTorch reference it must equal
 ``pack`` (LearnableBias + sign + bit-pack), ``binary_conv`` (packed 1x1/3x3 binary
 convolution), ``epilogue`` (what the convolutions do with their integer sums: folded
 BatchNorm, residuals, activations, mask, the next layer's sign + pack) and ``sparse_unit``
-(active-tile lists and the tile-sparse masked units of the decoder); ``packed_weight`` holds
-the weights' bit layout. Under ``TRITON_INTERPRET=1`` (set before import)
+(the tile-sparse masked units of the decoder, over the active-tile lists of ``tile_list``);
+``packed_weight`` holds the weights' bit layout. Under ``TRITON_INTERPRET=1`` (set before import)
 the kernels run on the CPU.
 """
 from .binary_conv import (
@@ -19,15 +19,13 @@ from .binary_conv import (
 )
 from .pack import PackedActivation, sign_pack, sign_pack_pair, sign_pack_reference
 from .sparse_unit import (
-    TileList,
-    active_tiles,
-    active_tiles_reference,
     skipped_bops,
     sparse_binary_conv2d,
     sparse_binary_conv2d_reference,
     sparse_float_conv2d,
     sparse_float_conv2d_reference,
 )
+from .tile_list import TileList, active_tiles, active_tiles_reference
 
 __all__ = [
     "PackedActivation",
