@@ -129,13 +129,15 @@ def integer_conv_dtype(device: torch.device, terms: int) -> torch.dtype:
 
     Every product is -1, 0 or +1 and every partial sum an integer of magnitude <= ``terms``:
     float32 represents all of them exactly while ``terms`` <= 2**24, in any order of summation,
-    so an algorithm that only multiplies and adds (direct or im2col + GEMM, what PyTorch's CPU
-    convolutions run) returns the exact sum. On the CPU that is float32 (several times faster
-    than float64 there). Elsewhere float64 (every integer below 2**53): cuDNN may choose
-    FFT or Winograd algorithms, whose transforms round even for integer inputs, and float64
-    keeps their error far below the 0.5 that the final rounding absorbs.
+    so an algorithm that only multiplies and adds returns the exact sum. On the CPU with oneDNN
+    (PyTorch asks it for direct convolutions; im2col + GEMM where it is not used) that is
+    float32, several times faster than float64 there. Elsewhere float64 (every integer below
+    2**53): cuDNN may choose FFT or Winograd algorithms, and so may NNPACK on a CPU without
+    oneDNN, whose transforms round even for integer inputs; float64 keeps their error far
+    below the 0.5 that the final rounding absorbs.
     """
-    if torch.device(device).type == "cpu" and terms <= 2**24:
+    if (torch.device(device).type == "cpu" and terms <= 2**24 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled):
         return torch.float32
     return torch.float64
 

@@ -154,10 +154,12 @@ def test_reference_is_exact_at_the_largest_sums():
             assert exact.max() == cin * 9  # (the centre pixels: every tap inside the image)
 
 
-def test_integer_conv_dtype():
+def test_integer_conv_dtype(monkeypatch):
     assert integer_conv_dtype(torch.device("cpu"), 9 * 1024) == torch.float32
     assert integer_conv_dtype(torch.device("cpu"), 2**24 + 1) == torch.float64
     assert integer_conv_dtype(torch.device("cuda"), 9) == torch.float64  # (cuDNN may choose FFT/Winograd)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # (then NNPACK's Winograd may run)
+    assert integer_conv_dtype(torch.device("cpu"), 9) == torch.float64
 
 
 def test_weight_values_are_reused_until_the_bits_change():
