@@ -447,7 +447,8 @@ def sign_pack_pair(
     :func:`sign_pack_reference` likewise."""
     sources, gate = _sources(x, layout)
     if not triton_can_run(sources[0]):
-        return sign_pack_reference(x, bias, layout), sign_pack_reference(x, bias2, layout)
+        whole = _materialised(sources, gate)  # (NCHW; the concatenation built once for both)
+        return sign_pack_reference(whole, bias), sign_pack_reference(whole, bias2)
     first, second = _launch_sign_pack(sources, gate, [bias, bias2])
     return first, second
 

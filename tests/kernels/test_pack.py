@@ -279,6 +279,13 @@ def test_sign_pack_fallback_without_triton(monkeypatch):
     assert torch.equal(sign_pack(x).bits, sign_pack_reference(x).bits)
     parts = [torch.randn(1, 3, 2, 3), x]
     assert torch.equal(sign_pack(parts).bits, sign_pack_reference(torch.cat(parts, dim=1)).bits)
+    # the pair: the concatenation (with a gated last source) built once, packed with each bias
+    g, h = torch.rand(1, 5, 2, 3), torch.randn(1, 5, 2, 3)
+    whole = torch.cat([parts[0], x, g * h], dim=1)
+    b1, b2 = torch.randn(48), torch.randn(48)
+    first, second = sign_pack_pair([parts[0], x, Product(h, g)], b1, b2)
+    assert torch.equal(first.bits, sign_pack_reference(whole, b1).bits)
+    assert torch.equal(second.bits, sign_pack_reference(whole, b2).bits)
 
 
 def test_sign_pack_bad_arguments():
