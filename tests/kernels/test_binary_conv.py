@@ -212,7 +212,7 @@ def test_several_taps_per_step(cin, stride, bk):
 
     pa = sign_pack(_activations(3, cin, 7, 5, "zeros"))
     pw = pack_weight(_weights(40, cin, 3), stride=stride)
-    assert taps_per_step(0, 9, pa.words, bk) == (bk // 32) // pa.words if pa.words < bk // 32 else 1
+    assert taps_per_step(0, 9, pa.words, bk) == ((bk // 32) // pa.words if pa.words < bk // 32 else 1)
     got = binary_conv2d(pa, pw, method="dot", block=(16, 32, bk))
     assert torch.equal(got, binary_conv2d_reference(pa, pw))
     assert taps_per_step(0, 1, 1, 128) == 1 and taps_per_step(1, 9, 1, 128) == 1 and taps_per_step(0, 9, 3, 128) == 1
