@@ -149,7 +149,8 @@ def binary_conv2d_reference(
 
     The integer sums are exact in floating point (:func:`integer_conv_dtype`). Without an
     epilogue returns the int32 accumulator (N, Cout, Ho, Wo); with one, a
-    :class:`ConvOutput` computed op by op in the order of the module docstring.
+    :class:`ConvOutput` computed op by op in the order of
+    :mod:`~bimatting_triton.kernels.epilogue`'s docstring (:func:`epilogue_reference`).
     """
     n, _, _, _, ho, wo = _check_conv_args(x, weight)
     prepared = _prepare(epilogue, n, weight.out_channels, ho, wo, x.device) if epilogue is not None else None

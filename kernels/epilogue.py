@@ -112,7 +112,8 @@ class Residual:
 
 @dataclass
 class Epilogue:
-    """What :func:`binary_conv2d` does with the integer accumulator (order in the module docstring).
+    """What :func:`~bimatting_triton.kernels.binary_conv.binary_conv2d` does with the integer accumulator
+    (order in the module docstring).
 
     Per-channel vectors may have any shape with Cout elements (e.g. LearnableBias's
     (1, C, 1, 1)); they are cast to ``scale.dtype``, the compute dtype. ``prelu_weight``
@@ -143,7 +144,8 @@ class Epilogue:
 
 
 class ConvOutput(NamedTuple):
-    """Result of :func:`binary_conv2d` with an epilogue: float output (or None) and packed (or None)."""
+    """Result of :func:`~bimatting_triton.kernels.binary_conv.binary_conv2d` with an epilogue: float
+    output (or None) and packed (or None)."""
 
     y: Tensor | None
     packed: PackedActivation | None
@@ -297,9 +299,10 @@ class EpiloguePlan:
     ``EpiloguePlan(epilogue, cout, device)`` checks ``epilogue`` (which must leave its
     per-pixel fields ``residual``, ``post_residual``, ``out``, ``mask``, ``addend`` unset)
     for ``cout`` output channels on ``device`` (default: ``epilogue.scale``'s; ``'cuda'``
-    means the current CUDA device) and builds the kernel's per-channel arguments. Each launch then passes ``plan.bind(residual=..., ...)`` as the epilogue of
-    :func:`binary_conv2d` (or :func:`binary_conv2d_reference`): only the tensors given to
-    ``bind`` and the input are checked. The result is the same as with the equivalent
+    means the current CUDA device) and builds the kernel's per-channel arguments. Each launch
+    then passes ``plan.bind(residual=..., ...)`` as the epilogue of
+    :func:`~bimatting_triton.kernels.binary_conv.binary_conv2d` (or ``binary_conv2d_reference``):
+    only the tensors given to ``bind`` and the input are checked. The result is the same as with the equivalent
     :class:`Epilogue`. The plan keeps the vectors it was built with (or the copies it made
     in the compute dtype): build a new one when they are replaced or written in place
     (a converted model's units do, see ``BinaryConvUnit``).

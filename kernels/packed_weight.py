@@ -128,7 +128,8 @@ def dot_channel_order(cin_pad: int, device=None) -> Tensor:
     """int64 (cin_pad,): the input channel of each row of the ``'dot'`` path's int8 weights.
 
     Within each 32-channel word, row ``4 n + j`` holds channel ``n + 8 j`` (n < 8, j < 4): the
-    order in which :func:`unpack_words` makes a word's values (cheapest to unpack)."""
+    order in which :func:`~bimatting_triton.kernels.binary_conv.unpack_words` makes a word's
+    values (cheapest to unpack)."""
     k = torch.arange(cin_pad, device=device)
     return k - k % WORD_BITS + (k % 4) * 8 + (k % WORD_BITS) // 4
 
