@@ -192,8 +192,11 @@ class _UsageError(Exception):
 
 
 def _interrupt(signum, frame):
-    # Handled as a Ctrl-C, so that convert_video stops at a safe point (see video.pipeline).
-    signal.raise_signal(signal.SIGINT)
+    # Handled as a Ctrl-C, so that convert_video stops at a safe point (see video.pipeline),
+    # also where SIGINT itself is ignored (a background job): not by re-raising SIGINT.
+    from .video.pipeline import request_interrupt
+
+    request_interrupt()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Every clip is generated here with PyAV (see video_utils). Most tests use
 input; one test runs the real BiMatting network.
 """
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import torch
 
 from bimatting_triton.video import (GREEN, VIDEO_FORMATS, auto_downsample_ratio,
                                     convert_video)
+from bimatting_triton.video.pipeline import Interrupts, request_interrupt
 from bimatting_triton.video.writers import check_encoder
 
 from video_utils import FakeMatting, decode, make_video, read_png
@@ -444,6 +446,33 @@ def test_interrupt_leaves_no_file(clip, tmp_path, error, output_type):
                       output_alpha=str(tmp_path / names[1]), output_foreground=str(tmp_path / names[2]))
     assert len(model.calls) == 2          # it did get going before the interrupt
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_request_interrupt_sets_the_active_flag(monkeypatch, sigint):
+    """request_interrupt (the CLI's SIGTERM handler) stops a run like a first Ctrl-C (a flag,
+    raised at the next check; a second request raises at once), also where SIGINT is
+    ignored (then Interrupts leaves SIGINT alone but is still reachable); with no run
+    active it raises KeyboardInterrupt."""
+    if sigint == "ignored":
+        monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_IGN)
+        installed = []
+        monkeypatch.setattr(signal, "signal", lambda *a: installed.append(a))
+    with pytest.raises(KeyboardInterrupt):
+        request_interrupt()
+    with Interrupts() as outer:
+        with Interrupts() as inner:
+            inner.check()                       # nothing asked yet
+            request_interrupt()                 # the flag only: no exception here
+            with pytest.raises(KeyboardInterrupt):
+                inner.check()
+            outer.check()                       # the innermost one got it
+            with pytest.raises(KeyboardInterrupt):
+                request_interrupt()             # a second request: at once
+    with pytest.raises(KeyboardInterrupt):
+        request_interrupt()                     # both exited: none active again
+    if sigint == "ignored":
+        assert installed == []                  # an ignored SIGINT stays ignored
 
 
 def test_existing_output_replaced_only_on_success(clip, tmp_path):

@@ -12,7 +12,9 @@ stopping (an error or Ctrl-C on the main thread) is prompt because every blockin
 Ctrl-C is taken as a flag (:class:`Interrupts`) and raised as ``KeyboardInterrupt``
 only at safe points of the main thread: Python raises it wherever the main thread
 is, also between a ``queue.Queue`` lock's acquire and release, which can leave the
-lock held and hang the helper threads (seen in tests under load).
+lock held and hang the helper threads (seen in tests under load). Other signals that
+should stop a run the same way (the command line's SIGTERM) call
+:func:`request_interrupt` from their handler.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import signal
 import threading
 from typing import Callable, Iterable
 
-__all__ = ["Interrupts", "ReaderThread", "WriterThread"]
+__all__ = ["Interrupts", "ReaderThread", "WriterThread", "request_interrupt"]
 
 _END = object()
 _POLL_S = 0.1
@@ -44,17 +46,23 @@ class Interrupts:
     def __init__(self):
         self._event = threading.Event()
         self._previous = None
+        self._registered = False
 
     def __enter__(self) -> "Interrupts":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            _ACTIVE.append(self)  # what request_interrupt() reaches, even where SIGINT is ignored
+            self._registered = True
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc) -> bool:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        if self._registered:
+            _ACTIVE.remove(self)
+            self._registered = False
         return False
 
     def _handle(self, signum, frame) -> None:
@@ -73,6 +81,22 @@ class Interrupts:
 
 
 _NO_INTERRUPTS = Interrupts()  # never entered, never set: check() is a no-op
+_ACTIVE: list[Interrupts] = []  # entered on the main thread, innermost last
+
+
+def request_interrupt() -> None:
+    """Stop the run as a Ctrl-C would; for a signal handler (it runs on the main thread).
+
+    Sets the flag of the innermost active :class:`Interrupts` (a second request raises
+    ``KeyboardInterrupt`` at once), or raises ``KeyboardInterrupt`` when none is active.
+    Unlike re-raising the signal as SIGINT, it works where SIGINT is ignored: a job
+    started in the background by a non-interactive shell (``cmd &``), or a child forked
+    while another thread of its parent was inside C's ``system()``, inherits SIGINT
+    ignored; ``kill`` must still stop it cleanly.
+    """
+    if not _ACTIVE:
+        raise KeyboardInterrupt
+    _ACTIVE[-1]._handle(signal.SIGINT, None)
 
 
 def _put(q: queue.Queue, item, stop: threading.Event, interrupts: Interrupts = _NO_INTERRUPTS) -> bool:
