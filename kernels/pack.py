@@ -128,11 +128,30 @@ class PackedActivation:
         return PackedActivation(self.bits.to(device), self.channels)
 
     def unpack(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The values {-1, 0, +1} as a (N, C, H, W) tensor of ``dtype`` (contiguous NCHW)."""
-        # (transposed to NCHW while widened: one pass over the int8 values, 3x faster on a CPU
-        # than transposing the wide values)
-        values = unpack_values(self.bits, self.channels, torch.int8).permute(0, 3, 1, 2)
+        """The values {-1, 0, +1} as a (N, C, H, W) tensor of ``dtype`` (contiguous NCHW).
+
+        Made from ``bits``, or, for the output of :func:`sign_pack_reference`, from the int8
+        values it packed (the same values: the plain-PyTorch path then unpacks nothing; a
+        write into ``bits`` afterwards is seen through its version counter, except on an
+        inference-mode tensor, which has none: treat ``bits`` as read-only)."""
+        remembered = self.__dict__.get("_values")
+        if remembered is not None and remembered[1] == _version(self.bits):
+            values = remembered[0]
+        else:
+            # (transposed to NCHW while widened: one pass over the int8 values, 3x faster on a
+            # CPU than transposing the wide values)
+            values = unpack_values(self.bits, self.channels, torch.int8).permute(0, 3, 1, 2)
         return values.to(dtype, memory_format=torch.contiguous_format)
+
+    def _remember_values(self, values: Tensor) -> "PackedActivation":
+        """Keep ``values`` (N, C, H, W) int8, the values ``bits`` was packed from, for :meth:`unpack`."""
+        object.__setattr__(self, "_values", (values, _version(self.bits)))
+        return self
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (bumped by in-place writes); None for an inference-mode tensor."""
+    return None if t.is_inference() else t._version
 
 
 # ----------------------------------------------------------------------------------------
@@ -173,20 +192,32 @@ def pack_values(values: Tensor, dim: int = -1) -> Tensor:
     if values.dim() < 1:
         raise ValueError("pack_values: values must have at least one dimension (the channels)")
     dim = dim % values.dim()
+    return _pack_planes(_sign_planes(values, dim), dim)
+
+
+def _sign_planes(values: Tensor, dim: int) -> Tensor:
+    """uint8 (..., 2, 32 * ceil(C / 32), ...): ``values < 0`` and ``values != 0`` along ``dim``
+    (plane SIGN, plane NONZERO at ``dim``, the channels after it, zero padded)."""
     c = values.shape[dim]
-    cw = words_for(c)
     before, after = values.shape[:dim], values.shape[dim + 1:]
-    planes = torch.zeros(*before, 2, cw * WORD_BITS, *after, dtype=torch.uint8, device=values.device)
+    planes = torch.zeros(*before, 2, words_for(c) * WORD_BITS, *after, dtype=torch.uint8, device=values.device)
     index = (slice(None),) * dim
     planes[index + (SIGN, slice(0, c))] = values < 0
     planes[index + (NONZERO, slice(0, c))] = values != 0
+    return planes
+
+
+def _pack_planes(planes: Tensor, dim: int) -> Tensor:
+    """:func:`_sign_planes`' planes (plane axis at ``dim``) -> (..., 2, CW) int32 words."""
+    cw = planes.shape[dim + 1] // WORD_BITS
+    after = planes.shape[dim + 2:]
     # Bytes first, along the channels where they lie (bit j of byte b is channel 8b + j:
     # distinct powers of two, so the uint8 sum is their OR), then the bytes moved last (an
     # eighth of the elements) and read four at a time as words, least significant first.
     # (A product with 2**j: torch's uint8 multiply is vectorised, its uint8 shift is not.)
-    powers = _BIT_VALUES.get(values.device)
+    powers = _BIT_VALUES.get(planes.device)
     if powers is None:
-        powers = _BIT_VALUES[values.device] = (1 << torch.arange(8, device=values.device)).to(torch.uint8)
+        powers = _BIT_VALUES[planes.device] = (1 << torch.arange(8, device=planes.device)).to(torch.uint8)
     powers = powers.reshape(8, *(1,) * len(after))
     word_bytes = (planes.unflatten(dim + 1, (cw * 4, 8)) * powers).sum(dim=dim + 2, dtype=torch.uint8)
     return _as_words(word_bytes.movedim((dim, dim + 1), (-2, -1)))
@@ -314,8 +345,12 @@ def sign_pack_reference(x, bias: Tensor | None = None, layout: str = "NCHW") -> 
     c = x.shape[1]
     if bias is not None:
         x = x + _channel_vector(bias, c, "bias", x.device).reshape(1, c, 1, 1)
-    # (pack_values reads only the signs: torch.sign(x) would pack the same bits)
-    return PackedActivation(pack_values(x, dim=1), c)
+    # Only the signs are read (torch.sign(x) would pack the same bits). The int8 values
+    # nonzero - 2 * negative come with the result, so that the plain-PyTorch convolutions that
+    # read it need not unpack the bits again (PackedActivation.unpack).
+    planes = _sign_planes(x, 1)  # (N, 2, 32 * CW, H, W) uint8
+    values = (planes[:, NONZERO, :c] - 2 * planes[:, SIGN, :c]).view(torch.int8)  # uint8 wraps: 255 is -1
+    return PackedActivation(_pack_planes(planes, 1), c)._remember_values(values)
 
 
 # ----------------------------------------------------------------------------------------

@@ -92,6 +92,30 @@ def test_unpack_ignores_sign_without_nonzero():
     assert unpack_values(bits, 3).tolist() == [[0, -1, 0]]
 
 
+@pytest.mark.parametrize("c", [5, 32, 70])
+def test_reference_pack_remembers_the_values_it_packed(c):
+    # sign_pack_reference hands its int8 values to PackedActivation.unpack (the plain-PyTorch
+    # convolutions then unpack nothing): they must be exactly what the bits unpack to, for
+    # adversarial values (x == -bias, -0.0, subnormals, NaN counted +1), a strided input, and
+    # batch > 1; a later write into the bits is seen (version counter), not the stale values.
+    bias = torch.randn(c, dtype=torch.float64).float()
+    bias[::3] = 0
+    x = _adversarial(3, c, 5, 7, bias, torch.float32).cpu()
+    x.view(-1)[2::17] = math.nan
+    strided = torch.cat([x, x], dim=3)[..., ::2]
+    for source in (x, strided):
+        packed = sign_pack_reference(source, bias)
+        assert "_values" in packed.__dict__
+        from_bits = unpack_values(packed.bits, c, torch.int8).permute(0, 3, 1, 2)
+        for dtype in (torch.float32, torch.float64, torch.int8):
+            assert torch.equal(packed.unpack(dtype), from_bits.to(dtype))
+        assert packed.unpack().is_contiguous()
+        assert torch.equal(packed.unpack(), PackedActivation(packed.bits.clone(), c).unpack())
+    packed = sign_pack_reference(x, bias)
+    packed.bits[..., NONZERO, :] = 0  # every value now 0
+    assert packed.unpack().abs().sum() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c", [5, 32, 70])
 def test_sign_pack_matches_reference(c, dtype):
