@@ -202,9 +202,10 @@ def test_ctrl_c_exit_code_and_no_file(monkeypatch, clip, tmp_path, capsys):
 
 # The command run as a child whose SIGINT disposition is set first: "default" as in an
 # interactive terminal (Python's KeyboardInterrupt), "ignore" as a background job of a
-# non-interactive shell (``cmd &``). Set explicitly because a child otherwise inherits its
-# parent's disposition at fork time, and a pytest worker may have SIGINT ignored for a
-# moment (C's system() ignores SIGINT and SIGQUIT while it waits): seen as a flaky failure.
+# non-interactive shell (``cmd &`` ignores SIGINT and SIGQUIT in the job). Set explicitly
+# because a child otherwise inherits pytest's: a suite itself started as such a job (seen:
+# ``(python -m pytest ... &)``) had SIGINT ignored all the way down, and the SIGINT case
+# could not pass there.
 _CHILD = ("import runpy, signal, sys; "
           "signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] == 'ignore' else signal.default_int_handler); "
           "sys.argv = ['bimatting'] + sys.argv[2:]; runpy.run_module('bimatting_triton', run_name='__main__')")
