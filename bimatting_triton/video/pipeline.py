@@ -90,9 +90,8 @@ def request_interrupt() -> None:
     Sets the flag of the innermost active :class:`Interrupts` (a second request raises
     ``KeyboardInterrupt`` at once), or raises ``KeyboardInterrupt`` when none is active.
     Unlike re-raising the signal as SIGINT, it works where SIGINT is ignored: a job
-    started in the background by a non-interactive shell (``cmd &``), or a child forked
-    while another thread of its parent was inside C's ``system()``, inherits SIGINT
-    ignored; ``kill`` must still stop it cleanly.
+    started in the background by a non-interactive shell (``cmd &``) starts with SIGINT
+    and SIGQUIT ignored, and ``kill`` must still stop it cleanly.
     """
     if not _ACTIVE:
         raise KeyboardInterrupt
