@@ -59,6 +59,7 @@ from .kernels.binary_conv import (
     fold_scale_shift,
     pack_weight,
 )
+from .kernels._common import version_counter
 from .kernels.pack import PackedActivation, sign_pack, sign_pack_reference
 from .model.backbone import DENSE_SHORTCUTS, FEATURE_BLOCKS, BasicBlock, BinaryBackbone
 from .nn import BiConv2d, BinaryActivation, LearnableBias
@@ -90,7 +91,7 @@ def in_compute_dtype(module: nn.Module, *names: str) -> list[Tensor | None]:
         if t is None or t.dtype in (torch.float32, torch.float64):
             out.append(t)
             continue
-        version = None if t.is_inference() else t._version  # inference tensors have no counter
+        version = version_counter(t)
         hit = cache.get(name)
         if hit is None or hit[0] is not t or version is None or hit[1] != version:
             hit = cache[name] = (t, version, t.to(compute_dtype(t.dtype)))
@@ -225,7 +226,7 @@ class BinaryConvUnit(nn.Module):
         same = hit is not None and all(a is b for a, b in zip(hit[0], sources))
         if same and hit[2]:
             return hit[3]  # the plan reads the buffers themselves: in-place writes are seen
-        versions = tuple(None if t is None or t.is_inference() else t._version for t in sources)
+        versions = tuple(None if t is None else version_counter(t) for t in sources)
         if same and hit[1] == versions:
             return hit[3]
         plan = EpiloguePlan(self.epilogue(store_float=store_float, pack=pack_next, next_bias=next_bias),

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
     libdevice = None
 
 __all__ = ["interpreting", "autotuning", "cdiv", "pow2", "triton_can_run", "hardware_popcount", "popcount32",
-           "KERNEL_STATS", "note_compiled"]
+           "KERNEL_STATS", "note_compiled", "version_counter"]
 
 # (kernel name, tile) -> {"n_regs": int, "n_spills": int}, filled only with BIMATTING_KERNEL_STATS=1
 # on CUDA (bench/throughput.py --profile prints it): register spills are the first suspect
@@ -79,6 +79,12 @@ def cdiv(a: int, b: int) -> int:
 def pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def version_counter(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by in-place writes: what keeps caches of values derived
+    from ``t`` honest); None for an inference-mode tensor, which has none."""
+    return None if t.is_inference() else t._version
 
 
 def triton_can_run(tensor: torch.Tensor) -> bool:

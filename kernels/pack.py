@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, interpreting, triton_can_run
+from ._common import cdiv, interpreting, triton_can_run, version_counter
 
 __all__ = [
     "WORD_BITS",
@@ -135,7 +135,7 @@ class PackedActivation:
         write into ``bits`` afterwards is seen through its version counter, except on an
         inference-mode tensor, which has none: treat ``bits`` as read-only)."""
         remembered = self.__dict__.get("_values")
-        if remembered is not None and remembered[1] == _version(self.bits):
+        if remembered is not None and remembered[1] == version_counter(self.bits):
             values = remembered[0]
         else:
             # (transposed to NCHW while widened: one pass over the int8 values, 3x faster on a
@@ -145,13 +145,8 @@ class PackedActivation:
 
     def _remember_values(self, values: Tensor) -> "PackedActivation":
         """Keep ``values`` (N, C, H, W) int8, the values ``bits`` was packed from, for :meth:`unpack`."""
-        object.__setattr__(self, "_values", (values, _version(self.bits)))
+        object.__setattr__(self, "_values", (values, version_counter(self.bits)))
         return self
-
-
-def _version(t: Tensor) -> int | None:
-    """``t``'s version counter (bumped by in-place writes); None for an inference-mode tensor."""
-    return None if t.is_inference() else t._version
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ._common import version_counter
 from .pack import WORD_BITS, pack_values, unpack_values, words_for
 
 __all__ = ["PackedWeight", "dot_channel_order", "dot_weights", "pack_weight", "pack_conv"]
@@ -109,7 +110,7 @@ class PackedWeight:
     def values(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``sign(w_c)`` as (Cout, Cin, KH, KW) of ``dtype`` (made once per dtype and reused
         while ``bits`` is unchanged; do not write to it)."""
-        version = None if self.bits.is_inference() else self.bits._version  # (inference tensors have none)
+        version = version_counter(self.bits)
         hit = self._values.get(dtype)
         if hit is not None and version is not None and hit[0] == version:
             return hit[1]
