@@ -46,12 +46,10 @@ class Interrupts:
     def __init__(self):
         self._event = threading.Event()
         self._previous = None
-        self._registered = False
 
     def __enter__(self) -> "Interrupts":
         if threading.current_thread() is threading.main_thread():
             _ACTIVE.append(self)  # what request_interrupt() reaches, even where SIGINT is ignored
-            self._registered = True
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -60,9 +58,8 @@ class Interrupts:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-        if self._registered:
+        if self in _ACTIVE:  # (entered on the main thread)
             _ACTIVE.remove(self)
-            self._registered = False
         return False
 
     def _handle(self, signum, frame) -> None:
