@@ -21,13 +21,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..model.bimatting import REFINERS
+
 __all__ = ["TrainConfig", "CONFIGS", "get_config", "config_names"]
 
 DATASETS = ("videomatte", "imagematte", "synthetic")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(cfg: "TrainConfig", name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}: expected {kind}, got {value!r}")
 
 
 @dataclass
@@ -90,21 +104,31 @@ class TrainConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
-        for name in ("size", "seq_length", "batch_size", "size_hr", "seq_length_hr", "batch_size_hr", "epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps: expected None or an integer >= 0, got {self.max_steps!r}")
-        if not 0 < self.downsample_ratio_hr <= 1:
+        # Counts: a zero or negative value would fail steps into the run (``step % log_every``)
+        # or silently change it (a negative ``seg_every`` skips batches on resume).
+        for name in (
+            "size", "seq_length", "batch_size", "size_hr", "seq_length_hr", "batch_size_hr", "epochs",
+            "synthetic_length", "log_every", "val_clips",
+        ):
+            _check_int(self, name, minimum=1)
+        for name in ("num_workers", "seg_every", "val_every", "checkpoint_every"):
+            _check_int(self, name, minimum=0)
+        for name in ("max_steps", "val_size", "val_seq_length", "threads"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=0 if name == "max_steps" else 1)
+        if not 0 < self.downsample_ratio_hr <= 1:  # also False for NaN
             raise ValueError(f"downsample_ratio_hr: expected a number in (0, 1], got {self.downsample_ratio_hr!r}")
-        for name in ("lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a learning rate >= 0, got {getattr(self, name)!r}")
+        # Weights: NaN passes "< 0" and would freeze a group ("lr > 0" is False) or poison the model.
+        for name in ("lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "coarse_weight"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip: expected None or a number > 0, got {self.grad_clip!r}")
+        if self.grad_clip is not None and (not _is_real(self.grad_clip) or not 0 < self.grad_clip < math.inf):
+            raise ValueError(f"grad_clip: expected None or a finite number > 0, got {self.grad_clip!r}")
+        if self.refiner not in REFINERS:
+            raise ValueError(f"refiner: expected one of {sorted(REFINERS)}, got {self.refiner!r}")
         if self.dataset == "videomatte" and not self.videomatte_dir:
             raise ValueError("videomatte_dir: dataset='videomatte' needs the folder holding fgr/ and pha/")
         if self.dataset == "imagematte" and not self.imagematte_dir:

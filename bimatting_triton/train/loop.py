@@ -18,6 +18,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -147,6 +148,32 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
     else:
         out["val"] = SyntheticMatteDataset(cfg.val_clips, val_size, val_t, seed=cfg.seed + _VAL_SEED_OFFSET)
     return out
+
+
+# Settings that decide which batches a run sees and what a step does to the weights: a resume
+# that changes one of them does not continue the saved run (bookkeeping such as max_steps,
+# epochs, logging, validation or the output folder may change freely).
+_RUN_DEFINING = (
+    "dataset", "videomatte_dir", "imagematte_dir", "background_image_dir", "background_video_dir",
+    "seg_image_dir", "seg_mask_dir", "size", "seq_length", "batch_size", "train_hr", "size_hr",
+    "seq_length_hr", "batch_size_hr", "downsample_ratio_hr", "synthetic_length", "augment", "refiner",
+    "lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "lr_schedule", "grad_clip", "amp", "seg_every",
+    "coarse_weight", "seed",
+)
+
+
+def _warn_on_changed_settings(saved: dict | None, cfg: TrainConfig, path: str) -> None:
+    """Warn (once, naming each field) when a resume changes a setting that defines the run."""
+    if not saved:
+        return
+    ours = cfg.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {ours[k]!r}" for k in _RUN_DEFINING if k in saved and saved[k] != ours[k]]
+    if changed:
+        warnings.warn(
+            f"resume {path!r}: this run's settings differ from the checkpoint's ({'; '.join(changed)}); "
+            "training goes on from its weights, but it is not the saved run continued",
+            stacklevel=3,
+        )
 
 
 class _Stream:
@@ -342,8 +369,11 @@ class Trainer:
             if saved_groups != ours:
                 raise ValueError(f"resume {path!r}: optimizer groups {saved_groups} differ from this config's {ours}")
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") is not None and self.use_amp:
+        # A run saved without AMP (on a CPU, or amp=False) stores its disabled scaler as {},
+        # which an enabled GradScaler refuses: keep this run's fresh scaler then.
+        if state.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(state["scaler"])
+        _warn_on_changed_settings(state.get("config"), self.cfg, path)
         self.step = int(state["step"])
         _set_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {self.step}")

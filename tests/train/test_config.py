@@ -38,6 +38,32 @@ def test_config_errors_name_the_field(tmp_path):
         TrainConfig(grad_clip=-1.0)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        # Each of these was accepted and failed steps later (log_every=0: modulo by zero), or
+        # trained something else than asked (NaN learning rate: "nan > 0" froze the group).
+        ("log_every", 0), ("val_clips", 0), ("synthetic_length", 0), ("seg_every", -2),
+        ("num_workers", -1), ("val_every", -1), ("checkpoint_every", -1), ("threads", 0), ("val_size", 0),
+        ("lr_backbone", float("nan")), ("lr_decoder", float("inf")), ("lr_aspp", -1e-4),
+        ("coarse_weight", -1.0), ("coarse_weight", float("nan")),
+        ("grad_clip", float("nan")), ("grad_clip", float("inf")), ("grad_clip", 0.0),
+        ("downsample_ratio_hr", float("nan")), ("refiner", "nope"), ("batch_size", True), ("size", 64.0),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        get_config("tiny", **{field: value})
+
+
+def test_boundary_values_are_accepted():
+    cfg = get_config(
+        "tiny", seg_every=0, val_every=0, checkpoint_every=0, num_workers=0, max_steps=0, lr_refiner=0.0,
+        coarse_weight=0.0, grad_clip=0.5, refiner="fast_guided_filter", threads=None, val_size=None,
+    )
+    assert cfg.max_steps == 0 and cfg.refiner == "fast_guided_filter"
+
+
 def test_json_config_file(tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"dataset": "synthetic", "size": 48, "lr_decoder": 3e-4}))

@@ -82,6 +82,37 @@ def test_checkpoint_contents_and_from_pretrained(runs):
         torch.testing.assert_close(loaded(src)[1], straight.model(src)[1], atol=0, rtol=0)
 
 
+def test_resume_warns_about_changed_run_settings_only(runs):
+    import warnings
+
+    _, _, _, root = runs
+    path = str(root / "a" / "last.pt")
+    # Bookkeeping may change freely: a longer run, other logging, another output folder.
+    extended = Trainer(get_config("tiny", out_dir=str(root / "c"), max_steps=9, val_clips=1, **QUIET), log=lambda m: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extended._resume(path)
+    assert extended.step == 4
+    # Another crop size and seed: not the saved run continued, and the warning says why.
+    other = Trainer(get_config("tiny", out_dir=str(root / "c"), size=48, seed=3, max_steps=4, **QUIET), log=lambda m: None)
+    with pytest.warns(UserWarning, match=r"size 32 -> 48; seed 0 -> 3\)"):
+        other._resume(path)
+    assert other.step == 4
+
+
+def test_resume_with_amp_from_a_checkpoint_saved_without_it(runs):
+    """A CPU (or amp=False) run saves its disabled GradScaler as {}: resuming it with AMP on keeps a fresh scaler."""
+    _, _, _, root = runs
+    state = load_checkpoint(str(root / "a" / "last.pt"))
+    assert state["scaler"] == {}
+    trainer = Trainer(get_config("tiny", out_dir=str(root / "d"), max_steps=4, **QUIET), log=lambda m: None)
+    trainer.use_amp = True  # as on CUDA (the CPU scaler has the same state-dict logic)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    fresh_scale = trainer.scaler.get_scale()
+    trainer._resume(str(root / "a" / "last.pt"))
+    assert trainer.step == 4 and trainer.scaler.get_scale() == fresh_scale
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_checkpoint_loads_into_fused_model(runs, backend):
     from bimatting_triton import convert
