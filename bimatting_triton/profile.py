@@ -413,6 +413,20 @@ def _params_and_storage(model: nn.Module, alpha_bits: int, float_bits: int) -> t
     return params, bits
 
 
+def _reject_converted(model: nn.Module) -> None:
+    """The counter reads nn.Conv2d / BiConv2d layers; a converted model's packed units hold neither."""
+    from .fuse import BinaryConvUnit
+    from .fuse_generic import PackedBiConv2d
+
+    packed = [n for n, m in model.named_modules() if isinstance(m, (BinaryConvUnit, PackedBiConv2d))]
+    if packed:
+        raise TypeError(
+            f"model: holds {len(packed)} packed units made by convert() or load_packed() (e.g. {packed[0]!r}), "
+            "which this counter cannot read; profile the model before convert() (the same network: the same "
+            "BOPs and FLOPs; its 'packed' storage column estimates the packed checkpoint)"
+        )
+
+
 def _has_sparse_units(model: nn.Module) -> bool:
     return any(_SPARSE_MARKER.match(n) for n, _ in model.named_modules())
 
@@ -540,6 +554,7 @@ def profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    _reject_converted(model)
     if src is not None:
         if not isinstance(src, Tensor) or src.ndim not in (4, 5) or src.shape[-3] != 3:
             got = getattr(src, "shape", src)

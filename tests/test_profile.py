@@ -157,6 +157,15 @@ def test_sparse_is_refused_for_models_without_masked_units():
     assert not any(ly.sparse for ly in profile(RVMMobileNetV3(), (32, 32)).layers)
 
 
+def test_converted_models_are_refused_with_the_way_out(bimatting):
+    """convert()'s packed units hold no Conv2d: counting them would report 0 BOPs, silently."""
+    from bimatting_triton import convert
+
+    with pytest.raises(TypeError, match=r"model: holds \d+ packed units .*profile the model before convert\(\)"):
+        profile(convert(bimatting, backend="reference"), (32, 32))
+    assert profile(bimatting, (32, 32)).totals()["bops"] > 0  # convert() left the plain model as it was
+
+
 def test_measured_densities_follow_the_mask(golden):
     model = BiMatting()
     model.load_state_dict(golden["state_dict"])
