@@ -303,9 +303,29 @@ def _resolve_metrics(metrics, protocol: str) -> tuple[tuple[str, ...], bool]:
 
 
 def _default_device(device) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked usable here (None: CUDA when available, else CPU).
+
+    Raises ValueError naming --device for a malformed device or one this machine lacks
+    (e.g. ``cuda`` without CUDA), instead of torch's AssertionError at the first transfer.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: not a valid torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # e.g. AssertionError "Torch not compiled with XPU enabled"
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--device {device!r}: not usable on this machine ({reason})") from None
+    return dev
 
 
 def _load_stack(paths: list[str], reader, expected: tuple[int, ...] | None, reference: str) -> np.ndarray:
@@ -474,6 +494,35 @@ def _quantize(x: torch.Tensor, mode: str) -> np.ndarray:
     return x.to(torch.uint8).cpu().numpy()
 
 
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, symbolic links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_outside(pred_dir: str, data_dir: str, clips: list[str]) -> None:
+    """Refuse (EvaluationError naming --pred/--data) prediction folders that would write into ``data_dir``.
+
+    All writes go to ``pred_dir/<clip>/{pha,fgr}``: refused when ``pred_dir`` is ``data_dir`` or
+    inside it (it would overwrite the ground truth, or add clips to the dataset), or when an output
+    folder resolves into ``data_dir`` (through a symbolic link, or ``data_dir`` nested in ``pred_dir``
+    with a matching path). ``data_dir`` merely inside ``pred_dir`` is allowed otherwise.
+    """
+    if _within(pred_dir, data_dir):
+        raise EvaluationError(
+            f"--pred {pred_dir} is the --data folder {data_dir} or inside it: the predictions would overwrite "
+            "or mix with the ground truth; choose a --pred folder outside --data"
+        )
+    for clip in clips:
+        for sub in ("pha", "fgr"):
+            out = os.path.join(pred_dir, clip, sub)
+            if _within(out, data_dir):
+                raise EvaluationError(
+                    f"--pred output folder {out} resolves into the --data folder {data_dir}: writing there would "
+                    "overwrite the ground truth; choose a --pred folder outside --data"
+                )
+
+
 def predict_dataset(
     model: nn.Module,
     data_dir: str,
@@ -494,7 +543,9 @@ def predict_dataset(
     ``rec``. ``downsample_ratio``: None picks :func:`auto_downsample_ratio` per clip.
     ``quantize``: 'floor' (as RVM's writer) or 'round'. The model is put in eval mode
     and on ``device``/``dtype``. Output files keep the input frame names with a
-    ``.png`` extension. Returns the clips written (relative paths).
+    ``.png`` extension. Returns the clips written (relative paths). Raises
+    :class:`EvaluationError` when ``pred_dir`` would write into ``data_dir`` (even with
+    ``overwrite``), ValueError for an unusable ``device``.
     """
     if quantize not in ("floor", "round"):
         raise ValueError(f"quantize={quantize!r}: expected 'floor' or 'round'")
@@ -507,6 +558,7 @@ def predict_dataset(
         raise EvaluationError(
             f"no clips in {data_dir}: expected clip folders holding com/ (input frames), pha/ and fgr/"
         )
+    _check_outside(pred_dir, data_dir, clips)
     for clip in clips:
         for sub in ("pha", "fgr"):
             out = os.path.join(pred_dir, clip, sub)
@@ -653,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{', '.join(used)} only apply with --data (end-to-end mode)")
     progress = not args.no_progress
     try:
+        device = _default_device(args.device)  # before loading the model or reading any frame
         if args.data is not None:
             if args.model_checkpoint is None:
                 bar = "!" * 78
@@ -660,12 +713,12 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(args.model_checkpoint, args.refiner, warn=False)
             result = evaluate_model(
                 model, args.data, args.pred, downsample_ratio=args.downsample_ratio, seq_chunk=args.seq_chunk,
-                device=args.device, quantize=args.quantize, overwrite=args.overwrite, metrics=args.metrics,
+                device=device, quantize=args.quantize, overwrite=args.overwrite, metrics=args.metrics,
                 protocol=args.protocol, num_workers=args.workers, progress=progress,
             )
         else:
             result = evaluate(
-                args.pred, args.true, metrics=args.metrics, protocol=args.protocol, device=args.device,
+                args.pred, args.true, metrics=args.metrics, protocol=args.protocol, device=device,
                 num_workers=args.workers, progress=progress,
             )
     except (EvaluationError, ValueError) as e:

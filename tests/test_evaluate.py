@@ -345,3 +345,64 @@ def test_load_model_without_checkpoint_warns():
     assert type(model).__name__ == "BiMatting"
     with pytest.raises(ev.EvaluationError, match="checkpoint not found"):
         ev.load_model("/nonexistent/bimatting.pth")
+
+
+# ----------------------------------------------------------------------------- safety checks
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(folder) for f in files
+    }
+
+
+@pytest.fixture
+def e2e_data(tmp_path):
+    """A --data folder with one clip (set/a: com/, pha/, fgr/), and its file contents."""
+    rng = np.random.default_rng(9)
+    pha, fgr = random_clip(rng, t=3)
+    write_clip(tmp_path / "data" / "set" / "a", pha, fgr, rng.integers(0, 256, (3, H, W, 3), dtype=np.uint8))
+    return tmp_path / "data", snapshot(tmp_path / "data")
+
+
+def test_predictions_never_written_into_the_data_folder(e2e_data, tmp_path):
+    data, before = e2e_data
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(data / "set", tmp_path / "elsewhere" / "set")  # pred/set/a/pha resolves to data/set/a/pha
+    targets = [data, data / "preds", data / "set" / "a", tmp_path / "elsewhere"]
+    for pred in targets:
+        model = FakeMatting()
+        with pytest.raises(ev.EvaluationError, match=r"--pred .* --data .*choose a --pred folder outside --data"):
+            ev.predict_dataset(model, str(data), str(pred), overwrite=True, device="cpu", progress=False)
+        with pytest.raises(ev.EvaluationError, match="--data"):
+            ev.evaluate_model(model, str(data), str(pred), overwrite=True, device="cpu", progress=False)
+        assert model.calls == [], pred
+    assert snapshot(data) == before and not (data / "preds").exists()
+    # the data folder inside the prediction folder is fine when no output lands in it
+    ev.predict_dataset(FakeMatting(), str(data), str(tmp_path), device="cpu", progress=False)
+    assert (tmp_path / "set" / "a" / "pha" / "0002.png").is_file() and snapshot(data) == before
+
+
+def test_cli_refuses_pred_equal_to_data(e2e_data, monkeypatch, capsys):
+    data, before = e2e_data
+    monkeypatch.setattr(ev, "load_model", lambda checkpoint, refiner, warn=True: FakeMatting())
+    code = ev.main(["--data", str(data), "--pred", str(data), "--overwrite", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --pred" in err and "--data" in err
+    assert snapshot(data) == before  # ground truth untouched, no metrics.csv written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(dataset, e2e_data, tmp_path, monkeypatch, capsys):
+    root, _ = dataset
+    with pytest.raises(ValueError, match=r"--device 'cuda': CUDA is not available"):
+        ev.evaluate(str(root / "pred"), str(root / "true"), device="cuda", progress=False)
+    loaded = []
+    monkeypatch.setattr(ev, "load_model", lambda checkpoint, refiner, warn=True: loaded.append(1) or FakeMatting())
+    data, _ = e2e_data
+    for mode in (["--true", str(root / "true")], ["--data", str(data)]):
+        for device, message in (("cuda", "CUDA is not available"), ("nonsense", "not a valid torch device")):
+            code = ev.main(["--pred", str(tmp_path / "out"), *mode, "--device", device, "--no-progress"])
+            err = capsys.readouterr().err
+            assert code == 2 and f"error: --device {device!r}: {message}" in err, err
+    assert loaded == [] and not (tmp_path / "out").exists()  # checked before loading the model or writing

@@ -139,12 +139,105 @@ def test_training_mode_backward_reaches_every_parameter():
         (dict(src=torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), "src: expected a floating point"),
         (dict(src=torch.rand(1, 3, 8, 8), downsample_ratio=0), "downsample_ratio"),
         (dict(src=torch.rand(1, 3, 1, 9), downsample_ratio=0.5), "downsample_ratio: 0.5 turns the 9x1"),
-        (dict(src=torch.rand(2, 3, 8, 8), r1=torch.zeros(1, 16, 4, 4)), "r1: expected a recurrent state"),
+        (dict(src=torch.rand(2, 3, 8, 8), r1=torch.zeros(1, 16, 4, 4)), r"r1: expected .* shape \(2, 16, 4, 4\)"),
+        # The published code returns fgr, pha, fgr_s, pha_s, *rec: its unpacking feeds r1, r2 into r3, r4.
+        (dict(src=torch.rand(1, 3, 64, 64), r3=torch.zeros(1, 16, 32, 32)), r"r3: expected .* shape \(1, 40, 8, 8\)"),
+        (dict(src=torch.rand(1, 3, 64, 64), r2=torch.zeros(1, 20, 16, 16), downsample_ratio=0.5),
+         r"r2: expected .* shape \(1, 20, 8, 8\) for these frames at downsample_ratio=0.5"),
+        (dict(src=torch.rand(1, 3, 64, 64), r4=torch.zeros(1, 64, 4, 4, dtype=torch.float64)), "r4: on cpu/torch.float64"),
+        (dict(src=torch.rand(1, 0, 3, 8, 8)), "src: expected shape .* no empty dimension"),
+        (dict(src=torch.rand(1, 3, 8, 8), downsample_ratio=True), "downsample_ratio: expected a number"),
     ],
 )
 def test_bad_inputs_name_the_argument(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         BiMatting()(**kwargs)
+
+
+def test_numpy_and_fraction_ratios_are_numbers(model):
+    from fractions import Fraction
+
+    import numpy as np
+
+    src = torch.rand(1, 3, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(src, downsample_ratio=0.5)
+        for ratio in (np.float32(0.5), np.float64(0.5), Fraction(1, 2)):
+            for a, b in zip(model(src, downsample_ratio=ratio), expected):
+                assert torch.equal(a, b)
+
+
+def test_streaming_under_autocast_feeds_the_states_back():
+    """RVM's loop under autocast: the states come back in the autocast dtype, src stays float32."""
+    model = BiMatting().eval()
+    src = torch.rand(1, 3, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    rec = [None] * 4
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for t in range(3):
+            fgr, pha, *rec = model(src[:, t], *rec, downsample_ratio=0.5)
+    assert any(r.dtype == torch.bfloat16 for r in rec)
+    assert fgr.shape == (1, 3, 32, 48) and torch.isfinite(pha).all()
+    # Outside autocast a state of another dtype is still a mistake worth naming.
+    with pytest.raises(ValueError, match="r4: on cpu/torch.bfloat16"):
+        model(src[:, 0], *[r.float() for r in rec[:3]], rec[3].bfloat16(), downsample_ratio=0.5)
+
+
+def test_coarse_foreground_adds_the_full_resolution_source_resized():
+    """fgr_s = clamp(coarse residual + src resized to the coarse size): the published network
+    resizes the full-resolution src, which differs from resizing the downsampled one."""
+    import torch.nn.functional as F
+
+    model = BiMatting().eval().double()
+    src = torch.rand(1, 2, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    captured = []
+    handle = model.decoder.register_forward_hook(lambda mod, args, out: captured.append(out[5]))
+    try:
+        with torch.no_grad():
+            *_, fgr_s, pha_s = model(src, downsample_ratio=0.25, return_coarse=True)
+    finally:
+        handle.remove()
+    coarse = captured[0]  # (B, T, 4, h, w): the projected coarse output
+    src_small = F.interpolate(src.flatten(0, 1), size=coarse.shape[-2:], mode="bilinear", align_corners=False)
+    expected = (coarse[:, :, :3] + src_small.unflatten(0, (1, 2))).clamp(0, 1)
+    assert torch.equal(fgr_s, expected)
+    assert torch.equal(pha_s, coarse[:, :, 3:].clamp(0, 1))
+
+
+def test_fast_guided_filter_is_rvms_formula():
+    """The parameter-free refiner against the guided filter written out with separable box
+    sums (zero padding, divided by the full 3x3 window, eps 1e-5), as RVM defines it."""
+    import torch.nn.functional as F
+
+    from bimatting_triton.model.refiner import FastGuidedFilterRefiner
+
+    g = torch.Generator().manual_seed(2)
+    fine = torch.rand(2, 3, 3, 40, 60, dtype=torch.float64, generator=g)
+    base = F.interpolate(fine.flatten(0, 1), size=(10, 15), mode="bilinear", align_corners=False).unflatten(0, (2, 3))
+    base_fgr = torch.rand(2, 3, 3, 10, 15, dtype=torch.float64, generator=g)
+    base_pha = torch.rand(2, 3, 1, 10, 15, dtype=torch.float64, generator=g)
+
+    def box(x):
+        c = x.shape[1]
+        row = torch.full((c, 1, 1, 3), 1 / 3, dtype=x.dtype)
+        return F.conv2d(F.conv2d(x, row, padding=(0, 1), groups=c), row.transpose(2, 3), padding=(1, 0), groups=c)
+
+    def with_gray(x):
+        return torch.cat([x, x.mean(1, keepdim=True)], 1)
+
+    lr_x, lr_y, hr_x = with_gray(base.flatten(0, 1)), torch.cat([base_fgr, base_pha], 2).flatten(0, 1), with_gray(fine.flatten(0, 1))
+    mean_x, mean_y = box(lr_x), box(lr_y)
+    a = (box(lr_x * lr_y) - mean_x * mean_y) / (box(lr_x * lr_x) - mean_x * mean_x + 1e-5)
+    b = mean_y - a * mean_x
+    up = lambda v: F.interpolate(v, size=(40, 60), mode="bilinear", align_corners=False)  # noqa: E731
+    expected = (up(a) * hr_x + up(b)).unflatten(0, (2, 3))
+    fgr, pha = FastGuidedFilterRefiner()(fine, base, base_fgr, base_pha, None)
+    torch.testing.assert_close(fgr, expected[:, :, :3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(pha, expected[:, :, 3:], rtol=0, atol=1e-12)
+
+
+def test_published_variant_name_is_accepted():
+    """The published code builds this network as MattingNetwork('bimobilenet')."""
+    assert list(BiMatting("bimobilenet").state_dict()) == list(BiMatting().state_dict())
 
 
 @pytest.mark.parametrize("kwargs, message", [

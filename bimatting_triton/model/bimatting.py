@@ -1,6 +1,7 @@
 """The whole BiMatting network, a drop-in for Robust Video Matting's ``MattingNetwork``."""
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 
@@ -16,7 +17,8 @@ from .decoder import BiRecurrentDecoder
 from .refiner import BiDeepGuidedFilterRefiner, FastGuidedFilterRefiner
 
 REFINERS = {"deep_guided_filter": BiDeepGuidedFilterRefiner, "fast_guided_filter": FastGuidedFilterRefiner}
-VARIANTS = ("bimatting",)
+# "bimobilenet": the published BiMatting code's name for this same network (its only variant).
+VARIANTS = ("bimatting", "bimobilenet")
 
 
 class BiMatting(nn.Module):
@@ -42,7 +44,8 @@ class BiMatting(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(
-                f"variant={variant!r}: BiMatting has one architecture, 'bimatting' (RVM's 'mobilenetv3' and "
+                f"variant={variant!r}: BiMatting has one architecture, 'bimatting' (or 'bimobilenet', its name in "
+                "the published code; RVM's 'mobilenetv3' and "
                 "'resnet50' are float networks; see bimatting_triton.baselines for RVM's MobileNetV3)"
             )
         if refiner not in REFINERS:
@@ -105,6 +108,7 @@ class BiMatting(nn.Module):
         return_coarse: bool = False,
     ) -> list[Tensor]:
         _check_inputs(src, (r1, r2, r3, r4), downsample_ratio)
+        downsample_ratio = float(downsample_ratio)  # a numpy scalar or Fraction, as F.interpolate wants
         single_frame = src.ndim == 4
         if single_frame:
             src = src.unsqueeze(1)
@@ -125,19 +129,21 @@ class BiMatting(nn.Module):
             outputs = [(fgr_residual + src).clamp(0.0, 1.0), pha.clamp(0.0, 1.0)]
         outputs += rec
         if return_coarse:
-            outputs += coarse_outputs(coarse, src_sm)
+            outputs += coarse_outputs(coarse, src)
         if single_frame:
             outputs = [x.squeeze(1) if x.ndim == 5 else x for x in outputs]
         return outputs
 
 
-def coarse_outputs(coarse: Tensor, src_sm: Tensor) -> list[Tensor]:
-    """(fgr_s, pha_s) from the projected coarse output (B, T, 4, h, w) and the source.
+def coarse_outputs(coarse: Tensor, src: Tensor) -> list[Tensor]:
+    """(fgr_s, pha_s) from the projected coarse output (B, T, 4, h, w) and the full-resolution source.
 
-    ``fgr_s = clamp(residual + bilinear resize of src_sm to (h, w), 0, 1)``, per frame.
+    ``fgr_s = clamp(residual + bilinear resize of src to (h, w), 0, 1)``, per frame: the
+    published network resizes the full-resolution ``src`` (not the downsampled one; the two
+    differ when ``downsample_ratio != 1``).
     """
     size = coarse.shape[-2:]
-    src_small = per_frame(lambda x: resize(x, size), src_sm)
+    src_small = per_frame(lambda x: resize(x, size), src)
     fgr_s = (coarse[:, :, :3] + src_small).clamp(0.0, 1.0)
     return [fgr_s, coarse[:, :, 3:].clamp(0.0, 1.0)]
 
@@ -146,14 +152,27 @@ def _downsample(x: Tensor, ratio: float) -> Tensor:
     return F.interpolate(x, scale_factor=ratio, mode="bilinear", align_corners=False, recompute_scale_factor=False)
 
 
+def _autocast_on(src: Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(src.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return False
+
+
+# Channels of the recurrent states r1..r4 (the decoder's GRUs at 1/2, 1/4, 1/8, 1/16 of the
+# network's input size).
+STATE_CHANNELS = (16, 20, 40, 64)
+
+
 def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> None:
     if not isinstance(src, Tensor):
         raise TypeError(f"src: expected a torch.Tensor, got {type(src).__name__}")
-    if src.ndim not in (4, 5) or src.shape[-3] != 3:
-        raise ValueError(f"src: expected shape (B, T, 3, H, W) or (B, 3, H, W), got {tuple(src.shape)}")
+    if src.ndim not in (4, 5) or src.shape[-3] != 3 or 0 in src.shape:
+        raise ValueError(f"src: expected shape (B, T, 3, H, W) or (B, 3, H, W) with no empty dimension, got {tuple(src.shape)}")
     if not src.is_floating_point():
         raise TypeError(f"src: expected a floating point tensor with values in [0, 1], got dtype {src.dtype}")
-    if not isinstance(downsample_ratio, (int, float)) or not 0 < downsample_ratio:
+    # numbers.Real takes numpy scalars and Fractions too; a bool is not a ratio.
+    if not isinstance(downsample_ratio, numbers.Real) or isinstance(downsample_ratio, bool) or not 0 < downsample_ratio:
         raise ValueError(f"downsample_ratio: expected a number > 0, got {downsample_ratio!r}")
     h, w = src.shape[-2:]
     if int(h * downsample_ratio) < 1 or int(w * downsample_ratio) < 1:
@@ -161,11 +180,19 @@ def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> None:
             f"downsample_ratio: {downsample_ratio} turns the {w}x{h} frames into nothing; "
             "use a larger ratio (or None/auto in convert_video)"
         )
-    for name, r in zip(("r1", "r2", "r3", "r4"), rec):
+    # F.interpolate floors the scaled size; each level below halves it, rounding up.
+    size = (h, w) if downsample_ratio == 1 else (int(h * downsample_ratio), int(w * downsample_ratio))
+    # Under autocast the returned states have the autocast dtype while src keeps its own:
+    # feeding them back is RVM's streaming loop, so only the device must match then.
+    for level, (name, r, channels) in enumerate(zip(("r1", "r2", "r3", "r4"), rec, STATE_CHANNELS), start=1):
         if r is None:
             continue
-        if not isinstance(r, Tensor) or r.ndim != 4 or r.shape[0] != src.shape[0]:
+        expected = (src.shape[0], channels, -(-size[0] // 2**level), -(-size[1] // 2**level))
+        if not isinstance(r, Tensor) or tuple(r.shape) != expected:
             shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
-            raise ValueError(f"{name}: expected a recurrent state (B={src.shape[0]}, C, h, w) or None, got {shape}")
-        if r.device != src.device or r.dtype != src.dtype:
+            raise ValueError(
+                f"{name}: expected the recurrent state of the previous call, shape {expected} for these frames "
+                f"at downsample_ratio={downsample_ratio}, or None; got {shape}"
+            )
+        if r.device != src.device or (r.dtype != src.dtype and not (r.is_floating_point() and _autocast_on(src))):
             raise ValueError(f"{name}: on {r.device}/{r.dtype}, but src is on {src.device}/{src.dtype}")
