@@ -99,6 +99,12 @@ def in_compute_dtype(module: nn.Module, *names: str) -> list[Tensor | None]:
     return out
 
 
+def packable(conv: BiConv2d) -> bool:
+    """Whether the packed kernel computes this conv: no groups or dilation, square stride/padding."""
+    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1]
+            and conv.padding[0] == conv.padding[1])
+
+
 class BinaryConvUnit(nn.Module):
     """``LB -> sign -> BiConv2d(s) -> [BN] -> [LB] -> [PReLU | ReLU] -> [LB]`` with packed weights.
 
@@ -126,6 +132,11 @@ class BinaryConvUnit(nn.Module):
         for c in convs:
             if not isinstance(c, BiConv2d):
                 raise TypeError(f"convs must be BiConv2d modules, got {type(c).__name__}")
+            if not packable(c):
+                raise ValueError(
+                    f"convs: {c} is grouped, dilated or has a non-square stride/padding, which the packed "
+                    "kernel does not compute"
+                )
             if (c.in_channels, c.kernel_size, c.stride, c.padding) != (
                 first.in_channels, first.kernel_size, first.stride, first.padding
             ):
@@ -257,6 +268,7 @@ def _is_unit_start(mods: list[nn.Module], i: int) -> bool:
         and isinstance(mods[i], LearnableBias)
         and isinstance(mods[i + 1], BinaryActivation)
         and isinstance(mods[i + 2], BiConv2d)
+        and packable(mods[i + 2])  # others stay plain modules (convert() warns about them)
     )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuse import BinaryConvUnit
+from .fuse import BinaryConvUnit, packable
 from .nn import BiConv2d
 from .swap import SignInputBiConv2d
 
@@ -58,12 +58,6 @@ class PackedBiConv2d(nn.Module):
                         self.stride, self.padding)
 
 
-def packable(conv: BiConv2d) -> bool:
-    """Whether the packed kernel computes this conv: no groups or dilation, square stride/padding."""
-    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1]
-            and conv.padding[0] == conv.padding[1])
-
-
 def replace_remaining_binary_convs(model: nn.Module, backend: str = "auto") -> list[str]:
     """Swap every packable ``BiConv2d`` still in ``model`` for a :class:`PackedBiConv2d`.
 
@@ -80,8 +74,8 @@ def replace_remaining_binary_convs(model: nn.Module, backend: str = "auto") -> l
         model.set_submodule(name, PackedBiConv2d(module, backend).eval())
     if left:
         warnings.warn(
-            f"convert: binary convs {left} are grouped or dilated, which the packed kernel does not "
-            "compute; they keep running in plain PyTorch",
+            f"convert: binary convs {left} are grouped, dilated or have a non-square stride/padding, which "
+            "the packed kernel does not compute; they keep running in plain PyTorch",
             stacklevel=3,
         )
     return left

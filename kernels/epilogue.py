@@ -248,7 +248,9 @@ def _check_per_channel(epi: Epilogue, cout: int, device) -> _Prepared:
         raise TypeError(f"epilogue.out_dtype must be a float dtype, got {out_dtype}")
     nb = None
     if epi.next_bias is not None:
-        nb = _vector(epi.next_bias, cout, "next_bias", torch.promote_types(out_dtype, epi.next_bias.dtype), device)
+        # (a non-tensor next_bias reaches _vector's TypeError, which names it)
+        nb_dtype = epi.next_bias.dtype if isinstance(epi.next_bias, Tensor) else out_dtype
+        nb = _vector(epi.next_bias, cout, "next_bias", torch.promote_types(out_dtype, nb_dtype), device)
     return _Prepared(
         scale=_vector(epi.scale, cout, "scale", cd, device),
         shift=_vector(epi.shift, cout, "shift", cd, device),
@@ -465,7 +467,7 @@ def apply_activation(y, slope_ptr, offs_n, n_ok, ACT: tl.constexpr):
         slope = tl.load(slope_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         y = tl.where(y > 0, y, slope * y)
     elif ACT == 2:
-        y = tl.where(y > 0, y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
     elif ACT == 3:
         # e = exp(-|y|) in (0, 1]: no overflow; sigmoid(-|y|) = e / (1 + e).
         e = tl.exp(-tl.abs(y))
@@ -528,10 +530,10 @@ def store_packed(y_out, p_ptr, PCW, offs_m, m_ok, pid_n, nb_ptr, offs_n, n_ok, m
     if HAS_NB:
         t = -tl.load(nb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]  # -next_bias (negation is exact)
         neg = (y_out < t) & mask
-        nonzero = (y_out != t) & mask
+        nonzero = neg | ((y_out > t) & mask)  # NaN gives 0, as torch.sign (kernels/pack.py)
     else:
         neg = (y_out < 0) & mask
-        nonzero = (y_out != 0) & mask
+        nonzero = neg | ((y_out > 0) & mask)
     # BN is a multiple of 32 and the tile starts on a word: word j of the tile
     # holds columns 32j..32j+31; distinct powers of two sum to their OR.
     shift = (offs_n % 32)[None, :]

@@ -7,7 +7,7 @@ tensor of shape (N, H, W, 2, CW) with ``CW = ceil(C / 32)``, contiguous (NHWC: t
 words of one pixel are adjacent):
 
 * plane 0 (``SIGN``): bit ``c % 32`` of word ``c // 32`` is 1 where ``x + bias < 0``;
-* plane 1 (``NONZERO``): the same bit is 1 where ``x + bias != 0``.
+* plane 1 (``NONZERO``): the same bit is 1 where ``x + bias`` is < 0 or > 0.
 
 Bit 0 is the least significant bit; a word with bit 31 set is a negative int32.
 The value of channel ``c`` is ``nonzero - 2 * sign`` in {-1, 0, +1}, which is exactly
@@ -15,9 +15,10 @@ The value of channel ``c`` is ``nonzero - 2 * sign`` in {-1, 0, +1}, which is ex
 plane is a subset of the nonzero plane (the kernels also AND them, so a violating
 tensor still reads as 0 where ``nonzero`` is 0). Channels ``C <= c < 32 * CW`` have
 both bits 0 and so contribute 0 to any dot product; so do out-of-image taps, which
-the convolution loads as all-zero words. NaN packs as +1 (it is neither < 0 nor 0).
+the convolution loads as all-zero words. NaN packs as 0, as ``torch.sign(NaN) == 0``
+(it is neither < 0 nor > 0; so does ``inf + -inf``, which is NaN).
 
-Exactness of the fused bias: the kernel tests ``x < -bias`` and ``x != -bias``
+Exactness of the fused bias: the kernel tests ``x < -bias`` and ``x > -bias``
 instead of rounding ``x + bias``. IEEE addition with gradual underflow never changes
 the sign of an exact sum and rounds to 0 only when the exact sum is 0, so
 ``sign(fl(x + bias)) == sign(x + bias)`` and the comparison (done in the wider of the
@@ -181,8 +182,8 @@ def pack_values(values: Tensor, dim: int = -1) -> Tensor:
     """Pack the signs of ``values`` along ``dim`` (C channels, default the last) into bit planes
     (..., 2, ceil(C / 32)) int32: ``values``' other dimensions in order, then plane and word.
 
-    Plane 0 marks ``values < 0``, plane 1 marks ``values != 0``; padding channels are 0.
-    Any real dtype; only the sign of each value matters (NaN counts as +1).
+    Plane 0 marks ``values < 0``, plane 1 ``values`` < 0 or > 0 (not NaN); padding channels are 0.
+    Any real dtype; only the sign of each value matters (NaN counts as 0, as in ``torch.sign``).
     """
     if values.dim() < 1:
         raise ValueError("pack_values: values must have at least one dimension (the channels)")
@@ -191,14 +192,15 @@ def pack_values(values: Tensor, dim: int = -1) -> Tensor:
 
 
 def _sign_planes(values: Tensor, dim: int) -> Tensor:
-    """uint8 (..., 2, 32 * ceil(C / 32), ...): ``values < 0`` and ``values != 0`` along ``dim``
+    """uint8 (..., 2, 32 * ceil(C / 32), ...): ``values < 0`` and ``values`` < 0 or > 0 along ``dim``
     (plane SIGN, plane NONZERO at ``dim``, the channels after it, zero padded)."""
     c = values.shape[dim]
     before, after = values.shape[:dim], values.shape[dim + 1:]
     planes = torch.zeros(*before, 2, words_for(c) * WORD_BITS, *after, dtype=torch.uint8, device=values.device)
     index = (slice(None),) * dim
     planes[index + (SIGN, slice(0, c))] = values < 0
-    planes[index + (NONZERO, slice(0, c))] = values != 0
+    # (values < 0) | (values > 0), not values != 0: NaN is 0 as in torch.sign.
+    planes[index + (NONZERO, slice(0, c))] = (values < 0).logical_or_(values > 0)
     return planes
 
 
@@ -276,7 +278,10 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
     Returns (sources, gate): for a product last source, ``a`` is its source and ``b`` the gate."""
     if isinstance(x, Tensor):
         _check_activation(x, "x", layout)
-        return [_as_nchw(x, layout)], None
+        x = _as_nchw(x, layout)
+        if x.shape[1] == 0:
+            raise ValueError("x must have at least one channel")
+        return [x], None
     if isinstance(x, Product):
         x = [x]
     if not isinstance(x, (list, tuple)) or not 1 <= len(x) <= MAX_SOURCES:
@@ -305,6 +310,8 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
             raise ValueError(f"x[{i}] has (N, H, W) = {(v.shape[0], *v.shape[2:])}, expected "
                              f"{(views[0].shape[0], *views[0].shape[2:])} like x[0] (channels may differ)")
         views.append(v)
+    if sum(v.shape[1] for v in views) == 0:
+        raise ValueError("x must have at least one channel")
     return views, gate
 
 
@@ -359,10 +366,10 @@ def _sign_words(x, bias_ptr, c, c_ok, mask, shift, HAS_BIAS: tl.constexpr):
         # on load (exact) saves a launch per call.
         t = -tl.load(bias_ptr + c, mask=c_ok, other=0.0)[None, :, :]
         neg = (x < t) & mask
-        nonzero = (x != t) & mask
+        nonzero = neg | ((x > t) & mask)  # not x != t: NaN (and inf + -inf) give 0, as torch.sign
     else:
         neg = (x < 0) & mask
-        nonzero = (x != 0) & mask
+        nonzero = neg | ((x > 0) & mask)
     # The shifted bits are distinct powers of two, so their int32 sum is their OR
     # (1 << 31 is -2**31 and no partial sum overflows); tl.sum is vectorised by the
     # interpreter, where a custom tl.reduce combine runs element by element.
@@ -511,8 +518,6 @@ def _launch_sign_pack(sources: list[Tensor], gate: Tensor | None, biases: list) 
     n, _, h, w = x.shape
     widths = [s.shape[1] for s in sources]
     c = sum(widths)
-    if c == 0:
-        raise ValueError("x must have at least one channel")
     vectors = [_bias_arg(b, x, c, name) for b, name in zip(biases, ("bias", "bias2"))]
     cw = words_for(c)
     outs = [torch.empty((n, h, w, 2, cw), dtype=torch.int32, device=x.device) for _ in biases]

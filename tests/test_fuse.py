@@ -104,6 +104,29 @@ def test_convert_gives_lone_binary_convs_the_generic_packed_path():
         convert(torch.nn.Sequential(LearnableBias(4), BinaryActivation(), BiConv2d(4, 4, 1)), backend="cuda")
 
 
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [dict(dilation=2, padding=2), dict(groups=2, padding=1), dict(stride=(1, 2), padding=1), dict(padding=(1, 0))],
+    ids=["dilated", "grouped", "stride_1x2", "padding_1x0"],
+)
+def test_units_the_kernel_cannot_compute_stay_plain(conv_kwargs):
+    """LB -> sign -> BiConv2d with a geometry the packed kernel lacks: fusing it gave wrong shapes
+    or values silently; now it stays plain PyTorch (same outputs), and convert() says so."""
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(LearnableBias(8), BinaryActivation(), BiConv2d(8, 8, 3, **conv_kwargs),
+                              torch.nn.BatchNorm2d(8)).eval().double()
+    with torch.no_grad():
+        seq[0].bias.normal_()
+    with pytest.warns(UserWarning, match="grouped, dilated or have a non-square"):
+        fused = convert(torch.nn.ModuleDict({"block": seq}))
+    assert not any(isinstance(m, BinaryConvUnit) for m in fused.modules())
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused["block"](x), seq(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grouped, dilated or has a non-square"):
+        BinaryConvUnit([seq[2]], in_bias=seq[0])
+
+
 def test_packed_weight_is_built_once_and_follows_the_buffers():
     # BinaryConvUnit.packed_weight() is asked at every launch: reused while the buffers are
     # the same tensors, rebuilt when .to() replaces them (a stale cache would keep old dtypes).

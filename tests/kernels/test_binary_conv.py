@@ -10,6 +10,7 @@
 Tiles are forced small (``block``) so that a few programs cover several pixel
 blocks, channel blocks and input-channel steps with masked tails.
 """
+import math
 import os
 
 import pytest
@@ -397,6 +398,24 @@ def test_packed_epilogue_keeps_exact_zeros(method):
     assert torch.equal(relu.packed.bits, sign_pack_reference(relu.y).bits)  # no stray sign bits
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_epilogue_non_finite_values_follow_torch(method):
+    """A NaN output (0 * inf scale) stays NaN through ReLU (torch.relu keeps it) and packs as
+    sign 0 (torch.sign(NaN) == 0), as the plain model computes it."""
+    n, cin, cout = 1, 32, 32
+    pa = sign_pack(_activations(n, cin, 3, 4, kind="zeros"))
+    pw = pack_weight(_weights(cout, cin, 1))
+    scale = torch.rand(cout, device=DEVICE) + 0.1
+    scale[:8] = math.inf  # inf * 0 (the zero sums) is NaN, inf * nonzero is +-inf
+    shift = torch.randn(cout, device=DEVICE)
+    got = binary_conv2d(pa, pw, Epilogue(scale, shift, act="relu", pack=True), method=method, block=BLOCK)
+    acc = binary_conv2d(pa, pw, None, method=method, block=BLOCK)  # the exact int32 sums
+    expect = torch.relu(acc.float() * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
+    assert expect.isnan().any() and torch.equal(got.y.isnan(), expect.isnan())
+    assert torch.equal(got.packed.unpack(), torch.sign(expect))
+    assert torch.equal(got.packed.bits, sign_pack_reference(got.y).bits)
+
+
 def test_epilogue_writes_into_a_channel_slice():
     # Output into channels 8..47 of a 64-channel NCHW buffer (e.g. a concat); the rest untouched.
     n, cin, cout = 2, 40, 40
@@ -517,6 +536,8 @@ def test_bad_arguments():
         binary_conv2d(pa, pw, Epilogue(scale.half()))
     with pytest.raises(ValueError, match="store the float output, pack it, or both"):
         binary_conv2d(pa, pw, Epilogue(scale, store_float=False))
+    with pytest.raises(TypeError, match="epilogue.next_bias must be a float tensor, got float"):
+        binary_conv2d(pa, pw, Epilogue(scale, pack=True, next_bias=0.5))
     with pytest.raises(ValueError, match="epilogue.out must be a float tensor of shape"):
         binary_conv2d(pa, pw, Epilogue(scale, out=torch.empty(1, 8, 3, 3)))
     with pytest.raises(ValueError, match="too small"):

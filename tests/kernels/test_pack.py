@@ -96,7 +96,7 @@ def test_unpack_ignores_sign_without_nonzero():
 def test_reference_pack_remembers_the_values_it_packed(c):
     # sign_pack_reference hands its int8 values to PackedActivation.unpack (the plain-PyTorch
     # convolutions then unpack nothing): they must be exactly what the bits unpack to, for
-    # adversarial values (x == -bias, -0.0, subnormals, NaN counted +1), a strided input, and
+    # adversarial values (x == -bias, -0.0, subnormals, NaN counted 0), a strided input, and
     # batch > 1; a later write into the bits is seen (version counter), not the stale values.
     bias = torch.randn(c, dtype=torch.float64).float()
     bias[::3] = 0
@@ -133,6 +133,26 @@ def test_sign_pack_matches_reference(c, dtype):
     assert (expect == 0).any() and (expect == 1).any() and (expect == -1).any()
     # and without a bias
     assert torch.equal(sign_pack(x).bits, sign_pack_reference(x).bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_values_pack_as_torch_sign(dtype):
+    """NaN and inf + -inf (NaN) are 0 for torch.sign: the kernel, whose comparisons with -bias never
+    form the sum, and the reference, which does, both pack them as 0 (they packed +1 / 0 before)."""
+    inf, nan = math.inf, math.nan
+    xs = [inf, -inf, nan, inf, -inf, nan, 1.0, -1.0, 0.0, inf, -inf, 2.0, nan, -0.0]
+    bs = [-inf, inf, 0.0, 0.0, 0.0, inf, inf, -inf, nan, inf, -inf, nan, -inf, 0.0]
+    c = len(xs)
+    x = torch.tensor(xs, dtype=dtype).reshape(1, c, 1, 1).expand(2, c, 3, 2).contiguous().to(DEVICE)
+    bias = torch.tensor(bs, dtype=dtype).to(DEVICE)
+    expect = torch.sign(x + bias.reshape(1, c, 1, 1)).float()
+    assert (expect == 0).sum() > 2 * 3 * 2 * 3  # the NaN cases are among the zeros
+    ref = sign_pack_reference(x, bias)
+    assert torch.equal(ref.unpack(), expect)
+    assert torch.equal(PackedActivation(ref.bits.clone(), c).unpack(), expect)  # the bits, not the kept values
+    assert torch.equal(sign_pack(x, bias).bits, ref.bits)
+    assert torch.equal(sign_pack(x).bits, sign_pack_reference(x).bits)
+    assert torch.equal(sign_pack_reference(x).unpack(), torch.sign(x).float())
 
 
 def test_sign_pack_layouts_and_strides():
@@ -326,6 +346,9 @@ def test_sign_pack_bad_arguments():
         sign_pack(x, torch.zeros(7))
     with pytest.raises(ValueError, match="layout must be"):
         sign_pack(x, layout="CHW")
+    for pack in (sign_pack, sign_pack_reference):  # the reference runs where Triton cannot
+        with pytest.raises(ValueError, match="x must have at least one channel"):
+            pack(torch.randn(1, 0, 2, 2))
     with pytest.raises(ValueError, match="bits must be an int32"):
         PackedActivation(torch.zeros(1, 2, 2, 2, 1), 8)
     with pytest.raises(ValueError, match="words per plane"):
