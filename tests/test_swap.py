@@ -5,6 +5,7 @@ code's *shape* (a Conv2d subclass with ``channel_threshold`` and the clamp STE t
 sign activation module, a learnable-bias module); they are not copies of it.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -220,3 +221,126 @@ def test_convert_after_binarize():
     x = torch.rand(2, 3, 9, 9)
     with torch.no_grad():
         assert torch.allclose(fused(x), model(x), rtol=0, atol=ATOL)
+
+
+# --- behaviour probes: look-alikes that would change the numbers are not swapped -------------
+
+
+class FloatConvWithThreshold(nn.Conv2d):
+    """Carries a (1, Cin, 1, 1) ``channel_threshold`` but is a float conv (uses it as an input shift)."""
+
+    def __init__(self, cin, cout, k, threshold=0.0):
+        super().__init__(cin, cout, k, padding=k // 2)
+        self.channel_threshold = nn.Parameter(torch.full((1, cin, 1, 1), threshold))
+
+    def forward(self, x):
+        return super().forward(x - self.channel_threshold)
+
+
+class ReActNetBinaryActivation(nn.Module):
+    """sign forward, ReActNet / Bi-Real ApproxSign STE (gradient 2 + 2x on [-1, 0), 2 - 2x on [0, 1))."""
+
+    def forward(self, x):
+        m1, m2, m3 = (x < -1).float(), (x < 0).float(), (x < 1).float()
+        o1 = -1 * m1 + (x * x + 2 * x) * (1 - m1)
+        o2 = o1 * m2 + (-x * x + 2 * x) * (1 - m2)
+        o3 = o2 * m3 + 1 * (1 - m3)
+        return torch.sign(x).detach() - o3.detach() + o3
+
+
+class UnclampedBinaryConv(PublishedStyleBinaryConv):
+    """Same forward as the published conv, identity STE instead of the clamp one."""
+
+    def forward(self, x):
+        centred = self.weight - self.weight.mean(dim=[1, 2, 3], keepdim=True)
+        scale = centred.abs().mean(dim=[1, 2, 3], keepdim=True).detach()
+        w = scale * centred.sign().detach() - centred.detach() + centred
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.0])
+def test_swap_skips_a_float_conv_that_carries_channel_threshold(threshold):
+    # threshold 0.0 (a fresh init) gives the float output on the real parameters too:
+    # the probe uses its own nonzero parameters, so it still sees the conv is not binary.
+    torch.manual_seed(0)
+    model = nn.Sequential(FloatConvWithThreshold(4, 4, 3, threshold))
+    x = torch.randn(1, 4, 8, 8)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"left 1 look-alike.*0 \(FloatConvWithThreshold\): forward"):
+        report = swap_modules(model)
+    assert type(model[0]) is FloatConvWithThreshold and len(report) == 0
+    assert [(n, c) for n, c, _ in report.skipped] == [("0", "FloatConvWithThreshold")]
+    assert "differs from BiConv2d's" in report.skipped[0][2]
+    assert "skipped 1 look-alike modules:\n  0: FloatConvWithThreshold (forward" in str(report)
+    assert torch.equal(model(x), expected)
+
+
+def test_swap_skips_a_sign_with_another_straight_through_estimator():
+    model = nn.Sequential(ReActNetBinaryActivation())
+    x = torch.tensor([-0.5, 0.25, 0.9], requires_grad=True)
+    (expected,) = torch.autograd.grad(model(x).sum(), x)  # [1.0, 1.5, 0.2]
+    with pytest.warns(UserWarning, match="ReActNetBinaryActivation"):
+        report = swap_modules(model)
+    assert type(model[0]) is ReActNetBinaryActivation and len(report) == 0
+    assert "gradient is not the hardtanh STE" in report.skipped[0][2]
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    assert torch.equal(grad, expected)
+    # forward-only matching (inference before convert) swaps it on request
+    report = swap_modules(model, check_gradients=False)
+    assert report.counts() == {"BinaryActivation": 1} and not report.skipped
+
+
+def test_swap_skips_a_binary_conv_with_another_weight_gradient():
+    model = randomised(nn.Sequential(UnclampedBinaryConv(4, 8, 3)))
+    with pytest.warns(UserWarning, match="gradient of weight"):
+        report = swap_modules(model)
+    assert type(model[0]) is UnclampedBinaryConv and report.skipped[0][:2] == ("0", "UnclampedBinaryConv")
+    assert swap_modules(model, check_gradients=False).counts() == {"BiConv2d": 1}
+
+
+class PublishedStyleGeneralConv(nn.Conv2d):
+    """The published conv's forward, passing dilation and groups on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel_threshold = nn.Parameter(torch.zeros(1, self.in_channels, 1, 1))
+
+    def forward(self, x):
+        centred = self.weight - self.weight.mean(dim=[1, 2, 3], keepdim=True)
+        scale = centred.abs().mean(dim=[1, 2, 3], keepdim=True).detach()
+        clipped = centred.clamp(-1.0, 1.0)
+        w = scale * centred.sign().detach() - clipped.detach() + clipped
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class HardtanhBinaryActivation(nn.Module):  # the same STE written with hardtanh
+    def forward(self, x):
+        return torch.sign(x).detach() - F.hardtanh(x).detach() + F.hardtanh(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swap_still_swaps_genuine_published_style_modules_and_probes_without_side_effects(dtype):
+    conv = PublishedStyleGeneralConv(8, 16, 3, stride=2, padding=2, dilation=2, groups=2, bias=True)
+    model = randomised(nn.Sequential(PublishedStyleBias(8), HardtanhBinaryActivation(), conv,
+                                     PublishedStyleBinaryActivation(), PublishedStyleBinaryConv(16, 16, 1)))
+    model = model.to(dtype).train()
+    model[4].eval()
+    reference = copy.deepcopy(model)
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing warned
+        report = swap_modules(model)
+    assert report.counts() == {"BiConv2d": 2, "BinaryActivation": 2, "LearnableBias": 1} and not report.skipped
+    assert torch.equal(torch.get_rng_state(), rng), "probing must not consume the global RNG"
+    assert all(p.grad is None for p in model.parameters()), "probing must not touch .grad"
+    assert [m.training for m in model] == [True, True, True, True, False]
+    assert model[2].weight is conv.weight and model[2].dilation == (2, 2) and model[2].groups == 2
+    x = torch.randn(2, 8, 13, 11, dtype=dtype)
+    out_a, out_b = reference(x), model(x)
+    assert torch.allclose(out_a, out_b, rtol=0, atol=ATOL)
+    out_a.square().mean().backward()
+    out_b.square().mean().backward()
+    for (name, pa), pb in zip(reference.named_parameters(), model.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), name
+        if pa.grad is not None:
+            assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), name
