@@ -94,14 +94,16 @@ def _positive_int(text: str) -> int:
 
 
 def _frame_rate(text: str) -> Fraction:
-    """``25``, ``29.97`` or ``30000/1001``."""
+    """``25``, ``29.97`` (a decimal near an NTSC rate means it: 30000/1001) or ``30000/1001`` (exact)."""
+    from .video.readers import as_frame_rate
+
+    text = text.strip()
     try:
-        value = Fraction(text.strip())
-    except (ValueError, ZeroDivisionError):
-        value = Fraction(0)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a frame rate such as 25, 29.97 or 30000/1001, got {text!r}")
-    return value
+        # a decimal is read as a float, as convert_video's frame_rate=29.97 (see as_frame_rate)
+        return as_frame_rate(Fraction(text) if "/" in text else float(text), "--frame-rate")
+    except (ValueError, ZeroDivisionError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected a frame rate such as 25, 29.97 or 30000/1001, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frames per model call; more is faster on GPUs and uses more memory "
                           "(default: %(default)s)")
     run.add_argument("--frame-rate", type=_frame_rate, default=None, metavar="FPS",
-                     help="frame rate of image inputs (default 30; videos keep theirs)")
+                     help="frame rate of image inputs, e.g. 25, 29.97 (= 30000/1001) or 30000/1001 "
+                          "(default 30; videos keep theirs)")
     run.add_argument("--threads", type=int, default=0, metavar="N",
                      help="FFmpeg decoding threads (0: automatic)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -189,6 +192,23 @@ def load_model(checkpoint: str | None, refiner: str, device, dtype, fused: bool)
 
 class _UsageError(Exception):
     pass
+
+
+#: convert_video's argument names, as the flags that set them, for its error messages.
+_FLAGS = {
+    "input_source": "input", "output_composition": "-o/--composition", "output_alpha": "--alpha",
+    "output_foreground": "--foreground", "output_type": "--output-type",
+    "output_video_mbps": "--mbps", "downsample_ratio": "--downsample-ratio",
+    "input_resize": "--input-resize", "seq_chunk": "--seq-chunk", "frame_rate": "--frame-rate",
+    "num_workers": "--threads", "background image": "--background-image",
+}
+# An argument name outside quotes: paths in the messages are quoted (repr), and left alone.
+_NAMES = re.compile(r"""('[^']*'|"[^"]*")|\b(%s)\b""" % "|".join(map(re.escape, _FLAGS)))
+
+
+def _with_flags(message: str) -> str:
+    """``message`` (from convert_video) with its argument names replaced by the CLI's flags."""
+    return _NAMES.sub(lambda m: m.group(1) or _FLAGS[m.group(2)], message)
 
 
 def _interrupt(signum, frame):
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bimatting: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError, MissingEncoderError) as e:
-        print(f"bimatting: error: {e}", file=sys.stderr)
+        print(f"bimatting: error: {_with_flags(str(e))}", file=sys.stderr)
         return 1
     finally:
         if previous_sigterm is not None:

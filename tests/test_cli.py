@@ -1,6 +1,7 @@
 """The ``bimatting`` command: help, flags reaching convert_video, the random-weights
 warning, checkpoints, --fused, errors and Ctrl-C exit codes."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,9 @@ def test_defaults_and_inferred_output_type(recorded):
     (["in.mp4", "-o", "o.mp4", "--mbps", "fast"], "positive number"),
     (["in.mp4", "-o", "o.mp4", "--dtype", "int8"], "invalid choice"),
     (["in.mp4", "-o", "o.mp4", "--output-type", "gif"], "invalid choice"),
+    (["in.mp4", "-o", "o.mp4", "--frame-rate", "nan"], "frame rate such as"),
+    (["in.mp4", "-o", "o.mp4", "--frame-rate", "-25"], "frame rate such as"),
+    (["in.mp4", "-o", "o.mp4", "--frame-rate", "1/0"], "frame rate such as"),
 ])
 def test_bad_arguments(recorded, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -151,13 +155,52 @@ def test_run_errors_are_reported_not_raised(clip, tmp_path, capsys):
     assert cli.main([str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--device", "cpu",
                      "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "bimatting: error: input_source" in err and "does not exist" in err
+    assert "bimatting: error: input '" in err and "does not exist" in err
     assert "Traceback" not in err
     assert cli.main([clip, "-o", clip, "--device", "cpu"]) == 1
     assert "input file itself" in capsys.readouterr().err
     assert cli.main([clip, "-o", "x.mp4", "--device", "nonsense"]) == 2
     assert "--device" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bad.pth"]
+
+
+def test_errors_name_the_flags(monkeypatch, clip, tmp_path, capsys):
+    """convert_video's errors name its arguments (output_alpha, num_workers...); the command
+    shows its flags instead, and leaves the quoted paths as they are."""
+    monkeypatch.setattr(cli, "load_model", lambda *a: FakeMatting())
+    cases = [
+        (["-o", str(tmp_path / "o.avi")], "-o/--composition '"),
+        (["--alpha", str(tmp_path / "output_alpha" / "a.mp4")],
+         f"--alpha '{tmp_path / 'output_alpha' / 'a.mp4'}': the folder '{tmp_path / 'output_alpha'}'"),
+        (["--foreground", str(tmp_path / "f.mp4"), "--threads", "-1"], "--threads must be >= 0"),
+        (["--alpha", str(tmp_path / "a.mp4"), "--foreground", str(tmp_path / "a.mp4")],
+         "--foreground '"),
+    ]
+    for argv, message in cases:
+        assert cli.main([clip, "--no-progress", *argv]) == 1
+        err = capsys.readouterr().err
+        assert message in err, err
+        unquoted = re.sub(r"'[^']*'", "", err)
+        for name in ("input_source", "output_composition", "output_alpha", "output_foreground", "num_workers"):
+            assert name not in unquoted
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("text,want", [("30000/1001", Fraction(30000, 1001)), ("29.97", Fraction(30000, 1001)),
+                                       ("25", Fraction(25)), ("12.5", Fraction(25, 2))])
+def test_frame_rate_real_run(monkeypatch, tmp_path, capsys, text, want):
+    """--frame-rate through a real conversion (not a stub of convert_video): the output's rate."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        make_video(str(folder / f"{i}.png"), 1, 10, 8, codec="png", pix_fmt="rgb24")
+    monkeypatch.setattr(cli, "load_model", lambda *a: FakeMatting())
+    out = tmp_path / "o.mp4"
+    assert cli.main([str(folder), "-o", str(out), "--frame-rate", text, "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    frames, info = decode(str(out))
+    assert len(frames) == 3 and info["frame_rate"] == want
+    assert [p * info["time_base"] for p in info["pts"]] == [i / want for i in range(3)]
 
 
 def test_fused(monkeypatch, clip, tmp_path, capsys):

@@ -187,6 +187,37 @@ def test_variable_frame_rate_timestamps_kept(tmp_path):
         np.testing.assert_allclose(seconds, np.array(stamps_ms) / 1000, atol=1e-9)
 
 
+@pytest.mark.parametrize("ext", [".mkv", ".mp4"])
+def test_variable_frame_rate_last_frame_held(tmp_path, ext):
+    """Frames at 0/40/80/120 ms, the last one shown for 3 s (a slide held at the end): a
+    valid file whose frames end at 3.12 s, not a truncated one (the check used the
+    average frame period for the last frame, and said "frames end at 0.160 s")."""
+    stamps_ms, held_ms = [0, 40, 80, 120], 3000
+    durations = dict(zip(stamps_ms, [40, 40, 40, held_ms]))
+    path = str(tmp_path / f"held{ext}")
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 32, 24, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+
+        def mux(packets):
+            for p in packets:
+                p.duration = durations[p.pts]   # in the encoder's time base, ms
+                c.mux(p)
+        for i, ms in enumerate(stamps_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 9 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            mux(s.encode(frame))
+        mux(s.encode())
+    with av.open(path) as c:   # the header announces the held frame's time
+        assert c.duration / 1e6 == pytest.approx(3.12, abs=0.01)
+    out = str(tmp_path / "a.mp4")
+    assert convert_video(FakeMatting(), path, output_alpha=out, progress=False) == 4
+    _, info = decode(out)
+    np.testing.assert_allclose([float(p * info["time_base"]) for p in info["pts"]],
+                               np.array(stamps_ms) / 1000, atol=1e-9)
+
+
 def test_audio_can_be_left_out(ntsc_audio_clip, tmp_path):
     out = str(tmp_path / "com.mkv")
     convert_video(FakeMatting(), ntsc_audio_clip, output_composition=out, audio=False, progress=False)
@@ -219,6 +250,23 @@ def test_vp9_alpha_webm_and_audio_transcoded(ntsc_audio_clip, tmp_path):
     assert len(rgba) == 12
     _, pha = expected(src)
     assert np.abs(rgba[..., 3].astype(float) - to_uint8(pha)[..., 0]).mean() < 4
+
+
+@pytest.mark.parametrize("audio,ext,want", [
+    ("libopus", ".mov", "aac"),       # mov lists Opus and FLAC but refuses them: re-encoded
+    ("flac", ".mov", "aac"),
+    ("pcm_s16le", ".mp4", "aac"),     # mp4 lists PCM but refuses it
+    ("pcm_s16le", ".mov", "pcm_s16le"),   # what the container takes is still copied as it is
+    ("libopus", ".mp4", "opus"),
+])
+def test_audio_the_container_refuses_is_re_encoded(tmp_path, audio, ext, want):
+    clip = make_video(str(tmp_path / "in.mkv"), 10, 32, 24, rate=25, audio=audio)
+    out = str(tmp_path / f"com{ext}")
+    convert_video(FakeMatting(), clip, output_composition=out, progress=False)
+    frames, info = decode(out)
+    assert len(frames) == 10 and info["audio"] == want
+    assert info["audio_seconds"] == pytest.approx(decode(clip)[1]["audio_seconds"], abs=0.05)
+    assert leftovers(tmp_path, ["in.mkv", f"com{ext}"]) == []
 
 
 @pytest.mark.parametrize("ext", [".mp4", ".mov", ".webm"])
@@ -273,6 +321,34 @@ def test_image_folder_natural_order_and_frame_rate(tmp_path):
     np.testing.assert_allclose(matte[:, 0, 0], [20, 40, 200], atol=1)
     convert_video(FakeMatting(), str(folder), output_alpha=str(tmp_path / "rvm.mp4"), progress=False)
     assert decode(str(tmp_path / "rvm.mp4"))[1]["frame_rate"] == 30   # RVM's default
+
+
+@pytest.mark.parametrize("frame_rate,want", [
+    (NTSC, NTSC), (Fraction(2997, 100), Fraction(2997, 100)),   # Fractions: exact
+    (29.97, NTSC), (23.976, Fraction(24000, 1001)),              # floats near NTSC rates: NTSC
+    (12.5, Fraction(25, 2)), (np.float32(24), Fraction(24)),
+])
+def test_image_frame_rate_types(tmp_path, frame_rate, want):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(2):
+        write_png(folder / f"{i}.png", np.full((6, 10, 3), 20 * i, np.uint8))
+    out = str(tmp_path / "pha.mp4")
+    convert_video(FakeMatting(), str(folder), output_alpha=out, frame_rate=frame_rate, progress=False)
+    _, info = decode(out)
+    assert info["frame_rate"] == want
+    assert [p * info["time_base"] for p in info["pts"]] == [0, 1 / want]
+
+
+@pytest.mark.parametrize("frame_rate,error", [
+    (True, TypeError), ("30", TypeError), (float("nan"), ValueError), (float("inf"), ValueError),
+    (0, ValueError), (Fraction(-25), ValueError), (-29.97, ValueError),
+])
+def test_bad_frame_rate(clip, tmp_path, frame_rate, error):
+    with pytest.raises(error, match="frame_rate"):
+        convert_video(FakeMatting(), clip, output_alpha=str(tmp_path / "a.mp4"), frame_rate=frame_rate,
+                      progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_single_image_to_png_file(tmp_path):

@@ -26,10 +26,11 @@ def pattern(i: int, height: int, width: int) -> np.ndarray:
 
 
 def make_video(path: str, n: int, width: int = 32, height: int = 24,
-               rate: Fraction | int = 25, codec: str | None = None, audio: bool = False,
+               rate: Fraction | int = 25, codec: str | None = None, audio: bool | str = False,
                options: dict | None = None, pix_fmt: str | None = None) -> str:
-    """Write an ``n``-frame clip of :func:`pattern` frames (and optionally a 440 Hz AAC
-    tone as long as the video) to ``path``; returns ``path``. H.264 by default, in
+    """Write an ``n``-frame clip of :func:`pattern` frames (and optionally a 440 Hz mono
+    tone as long as the video: AAC for ``audio=True``, else ``audio`` names the encoder,
+    e.g. ``'libopus'``, ``'flac'``) to ``path``; returns ``path``. H.264 by default, in
     yuv444p when a size is odd (4:2:0 needs even sizes)."""
     ext = os.path.splitext(path)[1]
     codec = codec or {".webm": "libvpx-vp9", ".mov": "prores_ks"}.get(ext, "libx264")
@@ -39,20 +40,21 @@ def make_video(path: str, n: int, width: int = 32, height: int = 24,
         v = c.add_stream(codec, rate=Fraction(rate))
         v.width, v.height, v.pix_fmt = width, height, pix_fmt
         a = None
+        sample_rate = 48000 if audio == "libopus" else 44100   # Opus has no 44.1 kHz
         if audio:
-            a = c.add_stream("aac", rate=44100, layout="mono")
+            a = c.add_stream("aac" if audio is True else audio, rate=sample_rate, layout="mono")
         samples = 0
         seconds_per_frame = 1 / Fraction(rate)
         for i in range(n):
             for p in v.encode(av.VideoFrame.from_ndarray(pattern(i, height, width), format="rgb24")):
                 c.mux(p)
-            while a is not None and samples < (i + 1) * seconds_per_frame * 44100:
-                t = (np.arange(1024) + samples) / 44100
+            while a is not None and samples < (i + 1) * seconds_per_frame * sample_rate:
+                t = (np.arange(1024) + samples) / sample_rate
                 tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
                 frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-                frame.sample_rate = 44100
+                frame.sample_rate = sample_rate
                 frame.pts = samples
-                frame.time_base = Fraction(1, 44100)
+                frame.time_base = Fraction(1, sample_rate)
                 for p in a.encode(frame):
                     c.mux(p)
                 samples += 1024

@@ -3,11 +3,13 @@
 :class:`AudioPassthrough` reads the input's first audio stream on its own demuxer
 and feeds it to the output container in step with the video (``write_until``), so
 that memory stays constant however long the file. The packets are copied as they
-are when the output container accepts the codec; otherwise (e.g. AAC into WebM)
-they are decoded and re-encoded to the container's usual audio codec.
+are when the output container accepts the codec; otherwise (e.g. AAC into WebM,
+Opus or FLAC into MOV, PCM into MP4) they are decoded and re-encoded to the
+container's usual audio codec.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import av
@@ -17,6 +19,38 @@ __all__ = ["AudioPassthrough"]
 # Codec used when the input's audio codec cannot be stored in the output container.
 _TRANSCODE_CODEC = {"webm": "libopus", "matroska": "libopus"}
 _DEFAULT_TRANSCODE_CODEC = "aac"
+
+
+# Codecs that FFmpeg's mov and mp4 muxers take as they are (fnmatch patterns). Their
+# ``supported_codecs`` are not enough: mov lists Opus and FLAC, mp4 lists PCM, and both
+# then refuse them while writing (FFmpeg 8: "Invalid argument"). Other muxers: their list.
+_COPYABLE = {
+    "mov": ("aac", "mp3", "mp2", "ac3", "eac3", "alac", "pcm_*"),
+    "mp4": ("aac", "mp3", "mp2", "ac3", "eac3", "alac", "flac", "opus"),
+}
+
+
+def _can_copy(codec: str, container: av.container.OutputContainer) -> bool:
+    """Whether ``container`` can hold ``codec`` (a canonical name: ``mp3``, not ``mp3float``) packets as they are."""
+    if codec not in container.supported_codecs:
+        return False
+    patterns = _COPYABLE.get(container.format.name)
+    return patterns is None or any(fnmatch.fnmatchcase(codec, p) for p in patterns)
+
+
+def _sample_rate(codec: str, rate: int) -> int:
+    """``rate`` if the encoder ``codec`` takes it, else its nearest supported rate
+    (Opus: 48000 for 44100; AAC: at most 96000)."""
+    rates = av.Codec(codec, "w").audio_rates
+    return rate if not rates or rate in rates else min(rates, key=lambda r: abs(r - rate))
+
+
+def _layout(layout: av.AudioLayout) -> av.AudioLayout:
+    """``layout``, or the usual layout of its channel count when its channels are unnamed
+    ("2 channels", as PCM read from Matroska): encoders such as AAC refuse those."""
+    if any(channel.name == "NONE" for channel in layout.channels):
+        return av.AudioLayout(f"{layout.nb_channels}c")   # FFmpeg's default: 2c is stereo
+    return layout
 
 
 class AudioPassthrough:
@@ -40,14 +74,14 @@ class AudioPassthrough:
         self._src = src
         self._packets = self._input.demux(src)
         self._pending = None
-        if src.codec_context.name in container.supported_codecs:
+        if _can_copy(src.codec_context.codec.canonical_name, container):
             self.transcoding = False
             self.stream = container.add_stream_from_template(src)
         else:
             self.transcoding = True
             codec = _TRANSCODE_CODEC.get(container.format.name, _DEFAULT_TRANSCODE_CODEC)
-            rate = 48000 if codec == "libopus" else src.codec_context.sample_rate
-            self.stream = container.add_stream(codec, rate=rate, layout=src.codec_context.layout)
+            rate = _sample_rate(codec, src.codec_context.sample_rate)
+            self.stream = container.add_stream(codec, rate=rate, layout=_layout(src.codec_context.layout))
 
     def _next_packet(self):
         for packet in self._packets:

@@ -10,8 +10,8 @@ arguments before starting, and never leaves a half-written output behind.
 """
 from __future__ import annotations
 
+import numbers
 import os
-from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .pipeline import Interrupts, ReaderThread, WriterThread
-from .readers import IMAGE_EXTENSIONS, open_source, read_image
+from .readers import IMAGE_EXTENSIONS, as_frame_rate, open_source, read_image
 from .writers import ImageSequenceWriter, ImageWriter, VideoWriter, check_encoder, video_format
 
 __all__ = ["convert_video", "auto_downsample_ratio", "GREEN"]
@@ -157,7 +157,7 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
                   output_foreground: str | None = None, output_video_mbps: float | None = None,
                   seq_chunk: int = 1, num_workers: int = 0, progress: bool = True,
                   device=None, dtype=None, *, background=None, audio: bool = True,
-                  frame_rate: float | Fraction | None = None) -> int:
+                  frame_rate: numbers.Real | None = None) -> int:
     """Matte a video, an image folder or an image with ``model``; write the results.
 
     Arguments as Robust Video Matting's ``convert_video``:
@@ -189,9 +189,11 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
       background: ``None``, an ``(R, G, B)`` colour with 0-255 values, or an image
           path (scaled to cover the frame); makes the composition opaque.
       audio: copy the input's audio into video outputs (re-encoded only when the
-          container cannot hold its codec, e.g. AAC into WebM becomes Opus).
-      frame_rate: frame rate of image inputs (default 30; a video keeps its own
-          rate and every frame's timestamp, exactly).
+          container cannot hold its codec: AAC into WebM becomes Opus, Opus or
+          FLAC into .mov and PCM into .mp4 become AAC).
+      frame_rate: frame rate of image inputs, an int, float or ``Fraction`` (default
+          30; a float near an NTSC rate means it: 29.97 is 30000/1001; a video keeps
+          its own rate and every frame's timestamp, exactly).
 
     Returns the number of frames written. Raises ``FileNotFoundError``, ``ValueError``,
     ``TypeError`` or ``PermissionError`` naming the argument before anything is
@@ -215,7 +217,7 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
     if output_video_mbps is not None:
         _check_number("output_video_mbps", output_video_mbps, 0, low_inclusive=False)
     if frame_rate is not None:
-        _check_number("frame_rate", frame_rate, 0, low_inclusive=False)
+        frame_rate = as_frame_rate(frame_rate, "frame_rate")
     if input_resize is not None:
         if len(input_resize) != 2:
             raise ValueError(f"input_resize must be (width, height), got {input_resize!r}")

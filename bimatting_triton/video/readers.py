@@ -9,6 +9,8 @@ other image library is needed.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 from fractions import Fraction
@@ -23,6 +25,7 @@ __all__ = [
     "ImageSequenceReader",
     "open_source",
     "read_image",
+    "as_frame_rate",
 ]
 
 #: File name endings read as still images (a single image input, or the frames of a folder).
@@ -30,6 +33,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: Frame rate given to image-sequence sources unless told otherwise (RVM's choice).
 DEFAULT_IMAGE_FRAME_RATE = Fraction(30)
+
+#: The NTSC rates (n x 1000/1001) that a decimal such as 29.97 or 23.976 stands for.
+NTSC_RATES = tuple(Fraction(n * 1000, 1001) for n in (24, 30, 48, 60, 120, 240))
 
 Frame = tuple[np.ndarray, int]
 
@@ -56,6 +62,32 @@ def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     except (av.FFmpegError, IndexError) as e:
         raise ValueError(f"{path!r} is not a readable image: {e}") from e
     raise ValueError(f"{path!r} is not a readable image: it holds no picture")
+
+
+def as_frame_rate(value, name: str = "frame_rate") -> Fraction:
+    """``value`` (a positive real number) as an exact ``Fraction`` frame rate.
+
+    Ints and ``Fraction`` s are kept exactly (``Fraction(2997, 100)`` stays so). A float
+    is read as the decimal it was written as (12.5 is 25/2), except that one within 0.005
+    of an NTSC rate means that rate, as in video usage: 29.97 is 30000/1001, 23.976 is
+    24000/1001, 59.94 is 60000/1001. Raises ``TypeError`` (not a number, or a bool) or ``ValueError`` (NaN,
+    infinite, zero or negative) naming ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number (int, float or Fraction), got {value!r}")
+    if isinstance(value, numbers.Rational):
+        rate = Fraction(value.numerator, value.denominator)
+    elif math.isfinite(value):
+        value = float(value)
+        ntsc = min(NTSC_RATES, key=lambda r: abs(r - value))
+        # else the simplest fraction of the float's binary value (29.969999...) -> 2997/100,
+        # with a denominator FFmpeg's 32-bit time bases can hold
+        rate = ntsc if abs(ntsc - value) < 0.005 else Fraction(value).limit_denominator(1_000_000)
+    else:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if rate <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return rate
 
 
 def _seconds(value, time_base) -> float | None:
@@ -148,6 +180,7 @@ class VideoReader:
     def __iter__(self) -> Iterator[Frame]:
         period = max(1, round(1 / (self.frame_rate * self.time_base)))  # one frame, in time_base units
         first = last = None
+        last_duration = period  # how long the last frame is shown, in time_base units
         count = 0
         try:
             try:
@@ -159,26 +192,31 @@ class VideoReader:
                         pts = last + 1  # keep timestamps strictly increasing for the muxer
                     first = pts if first is None else first
                     last = pts
+                    # the container's duration of the frame (a held last frame of a variable
+                    # rate video lasts seconds); the average frame period when it has none
+                    last_duration = frame.duration or period
                     count += 1
                     yield _rgb(frame, self.size), pts
             except av.FFmpegError as e:
                 raise ValueError(
                     f"input_source {self.path!r} is corrupt or truncated: decoding failed after "
                     f"{count} frames: {e}") from e
-            self._check_complete(count, first, last, period)
+            self._check_complete(count, first, None if last is None else last + last_duration, period)
         finally:
             self.close()
 
-    def _check_complete(self, count, first, last, period) -> None:
+    def _check_complete(self, count, first, end, period) -> None:
+        """Raise ``ValueError`` if the ``count`` frames from ``first`` (pts) to ``end`` (the
+        last one's pts + duration) stop well before the duration the header announces."""
         if count == 0:
             raise ValueError(f"input_source {self.path!r} has no frames")
         if self._expected_seconds is None:
             return
         start = _seconds(self._stream.start_time, self.time_base) or 0.0
         start = min(start, float(first * self.time_base))
-        decoded = float((last + period) * self.time_base) - start
-        # Allow two frame periods of slack (rounding of durations, a last frame shown
-        # longer): a truncated file falls short by far more.
+        decoded = float(end * self.time_base) - start
+        # Allow two frame periods of slack (rounding of durations, a last frame without
+        # a duration shown longer): a truncated file falls short by far more.
         slack = 2 / float(self.frame_rate) + 0.05
         if decoded < self._expected_seconds - slack:
             raise ValueError(
@@ -204,7 +242,7 @@ class ImageSequenceReader:
     """
 
     def __init__(self, path: str, size: tuple[int, int] | None = None,
-                 frame_rate: Fraction | float | None = None):
+                 frame_rate: numbers.Real | None = None):
         self.path = path
         if not os.path.exists(path):
             raise FileNotFoundError(f"input_source {path!r} does not exist")
@@ -217,8 +255,7 @@ class ImageSequenceReader:
             self.files = [os.path.join(path, n) for n in names]
         else:
             self.files = [path]
-        self.frame_rate = Fraction(frame_rate).limit_denominator(1_000_000) if frame_rate \
-            else DEFAULT_IMAGE_FRAME_RATE
+        self.frame_rate = DEFAULT_IMAGE_FRAME_RATE if frame_rate is None else as_frame_rate(frame_rate)
         self.time_base = 1 / self.frame_rate
         self.size = size
         first = read_image(self.files[0], size)
@@ -244,7 +281,7 @@ class ImageSequenceReader:
 
 
 def open_source(path: str, size: tuple[int, int] | None = None, threads: int = 0,
-                frame_rate: Fraction | float | None = None):
+                frame_rate: numbers.Real | None = None):
     """Open ``path`` as a frame source: a folder or an image file becomes an
     :class:`ImageSequenceReader`, anything else a :class:`VideoReader`.
 
