@@ -280,3 +280,27 @@ def test_incoherence_mask_is_the_published_formula(dtype, shape):
         alpha = alpha.to(dtype)
         got = incoherence_mask(alpha)
         assert got.dtype == torch.float32 and torch.equal(got, published(alpha))
+
+
+def test_torch_export_traces_the_streaming_model(model, golden):
+    """torch.export (what torch.onnx.export(dynamo=True) and AOTInductor build on) traces the
+    plain model with the states as inputs and a fixed downsample_ratio; the program computes
+    what the eager model does."""
+
+    class Step(torch.nn.Module):
+        def __init__(self, net, ratio):
+            super().__init__()
+            self.net, self.ratio = net, ratio
+
+        def forward(self, src, r1, r2, r3, r4):
+            return self.net(src, r1, r2, r3, r4, downsample_ratio=self.ratio)
+
+    src = golden["src"].double()[:, :2]
+    with torch.no_grad():
+        rec = model(src, downsample_ratio=0.5)[2:]
+        expected = model(src, *rec, downsample_ratio=0.5)
+        program = torch.export.export(Step(model, 0.5), (src, *rec))
+        got = program.module()(src, *rec)
+    assert len(got) == 6
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)

@@ -130,6 +130,20 @@ def test_checkpoint_loads_into_fused_model(runs, backend):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
 
 
+def test_training_steps_fit_a_fixed_batch(tmp_path):
+    """The STE training actually learns: on one fixed batch the loss falls well below its start
+    (3.6 -> ~0.8 over 20 steps at this seed; the bound leaves room for other BLAS rounding)."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", out_dir=str(tmp_path), lr_backbone=2e-3, lr_aspp=2e-3, lr_decoder=2e-3,
+                     lr_refiner=0.0, seg_every=0, **QUIET)
+    trainer = Trainer(cfg, log=lambda m: None)
+    ds = SyntheticMatteDataset(2, 32, 2, seed=3)
+    batch = [torch.stack(parts) for parts in zip(ds[0], ds[1])]
+    losses = [trainer.matting_step(batch, 1.0, "fit")["fit/loss"] for _ in range(20)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
 def test_param_groups_freeze_zero_learning_rates():
     model = BiMatting()
     cfg = get_config("tiny", lr_refiner=0.0, lr_aspp=5e-4)
