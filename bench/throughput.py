@@ -17,9 +17,10 @@ Variants, measured side by side on the same random clip:
 
 Each variant runs ``--warmup`` untimed calls, then ``--repeats`` timed calls of
 B x T frames, carrying the recurrent state as a streaming user does. Reported: median
-and spread of ms per frame, frames/s, peak memory (CUDA: ``max_memory_allocated``;
-CPU: the process's peak RSS so far, which only grows), the first call's time (compilation)
-and fps ratios between variants. ``--cuda-graph`` times CUDA-graph replays of one streaming
+and range (max - min) of ms per frame, frames/s, peak memory (CUDA: ``max_memory_allocated``;
+CPU: the process's peak RSS so far, which only grows, so a variant measured later includes
+the earlier ones'), the first call's time (compilation) and fps ratios between variants.
+``--json`` adds every timed call and the run's settings. ``--cuda-graph`` times CUDA-graph replays of one streaming
 step (``bimatting_triton.CudaGraphStep``) instead of eager calls (at T=1 every variant is
 launch-bound on a GPU); ``--compile`` uses ``torch.compile`` on the float variants. The notes column says which was used.
 On CUDA, ``torch.backends.cudnn.benchmark`` is on for every variant (the float baselines run
@@ -65,8 +66,9 @@ class Measurement:
     variant: str
     setting: str
     status: str  # "ok" or why it did not run
-    ms_per_frame: float | None = None
-    spread_ms: float | None = None
+    ms_per_frame: float | None = None  # median over the repeats
+    range_ms: float | None = None  # max - min over the repeats (None with one repeat)
+    repeats_ms: list[float] = field(default_factory=list)  # every timed call, ms per frame
     fps: float | None = None
     peak_memory_mib: float | None = None
     # The first (untimed) call: Triton compilation, cuDNN algorithm search, allocator growth.
@@ -78,6 +80,24 @@ class Measurement:
 def parse_sizes(text: str) -> list[tuple[int, int, float]]:
     """'512x288@1,1920x1080@0.25' -> [(512, 288, 1.0), (1920, 1080, 0.25)]."""
     return [parse_frame_size(item) for item in text.split(",")]
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
 
 
 def parse_ints(text: str) -> list[int]:
@@ -183,9 +203,13 @@ def run_variant(model, dtype_name: str, setting: Setting, device: torch.device, 
                 _, _, *rec = call(src, *rec, downsample_ratio=setting.ratio)
     n = setting.batch * setting.frames
     median = statistics.median(times)
+    spread = max(times) - min(times) if len(times) > 1 else None
+    if spread is not None and spread > median:
+        notes.append("noisy: the repeats' range exceeds their median (a busy machine?)")
     return Measurement(
         variant="", setting=setting.label, status="ok",
-        ms_per_frame=1e3 * median / n, spread_ms=1e3 * (max(times) - min(times)) / n,
+        ms_per_frame=1e3 * median / n, range_ms=None if spread is None else 1e3 * spread / n,
+        repeats_ms=[1e3 * t / n for t in times],
         fps=n / median, peak_memory_mib=peak_memory_mib(device), first_call_s=first[0], notes=notes,
     )
 
@@ -269,26 +293,34 @@ def profile_stages(model, setting: Setting, device: torch.device, dtype_name: st
 
 
 # --------------------------------------------------------------------------- report
-def ratios(results: list[Measurement]) -> list[str]:
-    lines = []
+RATIO_PAIRS = (
+    ("bimatting-fused", "bimatting-plain"), ("bimatting-fused", "rvm-fp16"), ("bimatting-fused", "rvm-fp32"),
+    ("bimatting-fused-fp16", "bimatting-plain"), ("bimatting-fused-fp16", "rvm-fp16"),
+    ("bimatting-fused-fp16", "bimatting-fused"), ("bimatting-plain", "rvm-fp32"), ("rvm-fp16", "rvm-fp32"),
+)
+
+
+def ratio_values(results: list[Measurement]) -> list[dict]:
+    """fps(a) / fps(b) for each pair of variants measured on the same setting in this run."""
     by_setting: dict[str, dict[str, Measurement]] = {}
     for m in results:
         if m.status == "ok":
             by_setting.setdefault(m.setting, {})[m.variant] = m
-    pairs = [("bimatting-fused", "bimatting-plain"), ("bimatting-fused", "rvm-fp16"), ("bimatting-fused", "rvm-fp32"),
-             ("bimatting-fused-fp16", "bimatting-plain"), ("bimatting-fused-fp16", "rvm-fp16"),
-             ("bimatting-fused-fp16", "bimatting-fused"), ("bimatting-plain", "rvm-fp32"), ("rvm-fp16", "rvm-fp32")]
-    for setting, ms in by_setting.items():
-        for a, b in pairs:
-            if a in ms and b in ms:
-                lines.append(f"  {setting}: {a} / {b} = {ms[a].fps / ms[b].fps:.2f}x fps")
-    return lines
+    return [
+        {"setting": setting, "variant": a, "baseline": b, "fps_ratio": ms[a].fps / ms[b].fps}
+        for setting, ms in by_setting.items() for a, b in RATIO_PAIRS if a in ms and b in ms
+    ]
+
+
+def ratios(results: list[Measurement]) -> list[str]:
+    return [f"  {r['setting']}: {r['variant']} / {r['baseline']} = {r['fps_ratio']:.3g}x fps"
+            for r in ratio_values(results)]
 
 
 def print_table(results: list[Measurement], device_name: str) -> None:
     print(f"device: {device_name}")
     vw = max([len("variant"), *(len(m.variant) for m in results)])  # the variant column's width
-    header = (f"{'variant':<{vw}} {'setting':<30} {'ms/frame':>9} {'spread':>8} {'fps':>8} {'peak MiB':>9} "
+    header = (f"{'variant':<{vw}} {'setting':<30} {'ms/frame':>9} {'range':>8} {'fps':>8} {'peak MiB':>9} "
               f"{'1st call s':>10}  notes")
     print(header)
     print("-" * len(header))
@@ -296,12 +328,17 @@ def print_table(results: list[Measurement], device_name: str) -> None:
         if m.status != "ok":
             print(f"{m.variant:<{vw}} {m.setting:<30} {m.status}")
             continue
-        print(f"{m.variant:<{vw}} {m.setting:<30} {m.ms_per_frame:9.2f} {m.spread_ms:8.2f} {m.fps:8.2f} "
+        spread = "-" if m.range_ms is None else f"{m.range_ms:.2f}"
+        print(f"{m.variant:<{vw}} {m.setting:<30} {m.ms_per_frame:9.2f} {spread:>8} {m.fps:8.2f} "
               f"{m.peak_memory_mib:9.0f} {m.first_call_s:10.2f}  {', '.join(m.notes)}")
+    print("ms/frame: median of the timed calls; range: their max - min (ms per frame)")
     lines = ratios(results)
     if lines:
         print("ratios (same run, same inputs):")
         print("\n".join(lines))
+        if any(m.status == "ok" and m.variant.startswith("bimatting-fused") for m in results):
+            print("  (the fused model's sparse decoder computes only the active tiles in its notes, from the "
+                  "mask its weights give; the plain model computes every pixel)")
 
 
 def main(argv: list[str] | None = None) -> list[Measurement]:
@@ -310,26 +347,36 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                         help=f"WIDTHxHEIGHT@DOWNSAMPLE_RATIO items (default {DEFAULT_SIZES})")
     parser.add_argument("--variants", default=",".join(VARIANT_NAMES),
                         help=f"comma-separated subset of {', '.join(VARIANT_NAMES)}")
-    parser.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size B (default 1)")
     parser.add_argument("--frames", type=parse_ints, default=None,
                         help="frames per call T, comma-separated (default 1,8 on CUDA, 1 on CPU)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
+                        help="untimed calls before timing (default 2; at least one runs whatever the value: "
+                             "the first call compiles, and its time is reported as '1st call s')")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls (default 5)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the plain/float variants")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time CUDA-graph replays of one streaming step (CUDA only; a variant that "
                              "cannot be captured is timed eagerly and says why)")
     parser.add_argument("--profile", action="store_true",
-                        help="also break the first runnable variant's time down by stage and kernel")
+                        help="also break the first runnable variant's time down by stage and kernel (at the "
+                             "first size with a downsample ratio < 1, where the refiner runs, else the first)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))  # in order, once
     unknown = sorted(set(variants) - set(VARIANT_NAMES))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANT_NAMES)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not variants:
+        parser.error(f"--variants: none given; choose from {', '.join(VARIANT_NAMES)}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: not a torch device ({e})")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {args.device!r}: expected cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.cuda_graph and device.type != "cuda":
@@ -363,25 +410,38 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                 # Progress on stderr (stdout stays the table or the JSON): long runs show what they did.
                 print(f"  {name} {setting.label}: {m.ms_per_frame:.2f} ms/frame", file=sys.stderr, flush=True)
         if args.profile and model is not None and not profiles:
-            w, h, r = args.sizes[0]
+            # the first size with a downsample ratio < 1 (the refiner runs there), else the first
+            w, h, r = next((size for size in args.sizes if size[2] < 1), args.sizes[0])
             profiles.append(f"[{name}] " + profile_stages(model, Setting(w, h, r, args.batch, frames[0]), device,
                                                           dtype_or_reason))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    fused_selected = any(v.startswith("bimatting-fused") for v in variants)
     if args.json:
+        import triton
+
+        settings = {"warmup": args.warmup, "repeats": args.repeats, "batch": args.batch, "frames": frames,
+                    "sizes": [f"{w}x{h}@{r:g}" for w, h, r in args.sizes], "compile": args.compile,
+                    "cuda_graph": args.cuda_graph, "torch": torch.__version__, "triton": triton.__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    "peak_memory": "max_memory_allocated" if device.type == "cuda"
+                    else "process peak RSS so far (cumulative over the variants)"}
         print(json.dumps({"device": device_name, "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                          "results": [asdict(m) for m in results],
-                          "ratios": ratios(results), "profile": profiles}, indent=1))
+                          "settings": settings, "results": [asdict(m) for m in results],
+                          "ratios": ratio_values(results), "profile": profiles}, indent=1))
     else:
         print_table(results, device_name)
         for p in profiles:
             print(p)
         if device.type != "cuda":
-            print("note: no CUDA device: bimatting-fused ran the converted model's plain-PyTorch references "
-                  "(packed weights, exact integer convolutions), not the Triton kernels, which need CUDA "
-                  "(as do the fp16 variants).")
+            if fused_selected:
+                print("note: no CUDA device: bimatting-fused ran the converted model's plain-PyTorch references "
+                      "(packed weights, exact integer convolutions), not the Triton kernels, which need CUDA "
+                      "(as do the fp16 variants).")
+            print("note: peak MiB on a CPU is the process's peak RSS so far: it only grows, so a variant "
+                  "measured later includes the earlier ones' memory.")
         else:
             print("note: cuDNN autotuning on (torch.backends.cudnn.benchmark) for every variant's PyTorch "
                   "convolutions; the warm-up calls pay for it.")

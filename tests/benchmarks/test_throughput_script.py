@@ -34,8 +34,25 @@ def test_runs_all_variants_on_a_tiny_size(throughput, capsys):
         assert any("no CUDA: its plain-PyTorch references" in n for n in by_variant[("bimatting-fused", setting)].notes)
         assert "CUDA" in by_variant[("rvm-fp16", setting)].status
         assert "CUDA" in by_variant[("bimatting-fused-fp16", setting)].status
-    assert any("bimatting-plain / rvm-fp32" in line for line in report["ratios"])
-    assert any("bimatting-fused / bimatting-plain" in line for line in report["ratios"])
+    pairs = {(r["setting"], r["variant"], r["baseline"]): r["fps_ratio"] for r in report["ratios"]}
+    for setting in ("64x48@1 B=1 T=1", "64x48@0.5 B=1 T=1"):
+        for a, b in (("bimatting-plain", "rvm-fp32"), ("bimatting-fused", "bimatting-plain")):
+            # computed from this run's measurements, not copied from anywhere
+            assert pairs[(setting, a, b)] == pytest.approx(by_variant[(a, setting)].fps / by_variant[(b, setting)].fps)
+    assert report["settings"]["repeats"] == 1 and report["settings"]["torch"] == throughput.torch.__version__
+    measured = [r for r in report["results"] if r["status"] == "ok"]
+    assert all(len(r["repeats_ms"]) == 1 and r["range_ms"] is None for r in measured)
+
+
+def test_repeats_give_median_and_range(throughput):
+    from bimatting_triton.baselines import RVMMobileNetV3
+
+    setting = throughput.Setting(48, 32, 1.0, 2, 1)
+    m = throughput.run_variant(RVMMobileNetV3().eval(), "float32", setting, throughput.torch.device("cpu"), 0, 3)
+    assert len(m.repeats_ms) == 3
+    assert m.ms_per_frame == pytest.approx(sorted(m.repeats_ms)[1])
+    assert m.range_ms == pytest.approx(max(m.repeats_ms) - min(m.repeats_ms))
+    assert m.fps == pytest.approx(1e3 / m.ms_per_frame)
 
 
 def test_profile_breaks_time_down_by_stage(throughput, capsys):
@@ -50,6 +67,12 @@ def test_profile_breaks_time_down_by_stage(throughput, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "64by48"], "--sizes"),
     (["--variants", "bogus"], "--variants"),
+    (["--variants", ",,"], "--variants: none given"),
+    (["--repeats", "0"], "--repeats"),
+    (["--batch", "0"], "--batch"),
+    (["--warmup", "-3"], "--warmup"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "meta"], "--device 'meta': expected cpu or cuda"),
 ])
 def test_bad_arguments(throughput, capsys, argv, message):
     with pytest.raises(SystemExit):
