@@ -42,6 +42,18 @@ def test_summary_has_one_line_per_shape_with_ratios():
     assert unit[1] == "30.0" and unit[6:8] == ["6.0", "15.0"] and unit[-3:] == ["-", "-", "5.00x"]
 
 
+def test_summary_divides_a_round_by_its_calls():
+    # _timed synchronises once per round of CALLS_PER_ROUND calls: the summary is per call.
+    kernels = _load()
+    calls = kernels.CALLS_PER_ROUND
+    report = {"benchmarks": [
+        {"group": "g", "name": "cudnn-fp16", "stats": {"median": calls * 30e-6}, "extra_info": {"calls_per_round": calls}},
+        {"group": "g", "name": "packed-dot", "stats": {"median": calls * 10e-6}, "extra_info": {"calls_per_round": calls}},
+    ]}
+    row = kernels.summarize(report).splitlines()[2].split()
+    assert row[1:3] == ["30.0", "10.0"] and row[-3] == "3.00x"
+
+
 def test_masked_unit_inputs_run(monkeypatch):
     # The masked-unit benchmark's inputs on the CPU (kernels under the interpreter): the one
     # launch and the cuDNN-style float expression it is timed against agree where m == 0.
