@@ -4,6 +4,13 @@
 JSON file of :class:`~bimatting_triton.train.config.TrainConfig` fields; every field can
 be overridden, e.g. ``--videomatte-dir data/VideoMatte240K_JPEG_SD/train --batch-size 4``.
 For several GPUs: ``torchrun --nproc_per_node=4 -m bimatting_triton.train --config stage1 ...``.
+
+``--print-config`` shows the resolved settings as JSON and exits: without ``--config``
+the defaults of ``TrainConfig``; a named stage even before its data folders are given
+(a note on stderr lists what training still needs). Mistakes in the command line, the
+config or the files it names (a missing ``--resume`` checkpoint, ``--device cuda``
+without CUDA) print ``error: ...`` and exit with status 2; anything else is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import sys
 from dataclasses import MISSING, fields
 
 from .config import TrainConfig, config_names, get_config
+
+USAGE_ERROR = 2  # exit status of every reported mistake, as argparse's own
 
 
 def _converter(annotation: str, name: str):
@@ -40,10 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bimatting_triton.train",
         description="Train BiMatting (straight-through estimators) with the paper's four-stage recipe.",
-        epilog="Named configs: " + ", ".join(config_names()) + ". Every TrainConfig field below overrides the config.",
+        epilog="Named configs: " + ", ".join(config_names()) + ". Every TrainConfig field below overrides the config. "
+        f"Mistakes in the arguments, the config or the files it names exit with status {USAGE_ERROR}.",
     )
-    parser.add_argument("--config", required=True, help="a named config or a .json file of TrainConfig fields")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--config", help="a named config or a .json file of TrainConfig fields (required to train)")
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config as JSON and exit; without --config the defaults; a stage's settings "
+        "even before its data folders are given (stderr notes what training still needs)",
+    )
     group = parser.add_argument_group("config overrides")
     for f in fields(TrainConfig):
         if f.name == "name":
@@ -55,21 +69,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _cuda_problem(device: str | None) -> str | None:
+    """Why ``device`` (validated by the config) cannot be used here, or None."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available here; use --device cpu, or leave --device out to pick one"
+    index, count = torch.device(device).index, torch.cuda.device_count()
+    if index is not None and index >= count:
+        return f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     name = args.pop("config")
     print_only = args.pop("print_config")
+    if name is None and not print_only:
+        parser.error(f"--config is required to train (one of {', '.join(config_names())}, or a .json file)")
     try:
-        cfg = get_config(name, **args)
+        if name is None:
+            cfg = TrainConfig.from_dict(args, require_data=False)
+        else:
+            cfg = get_config(name, require_data=not print_only, **args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     if print_only:
         print(json.dumps(cfg.to_dict(), indent=2))
+        if name is None:
+            print(f"note: TrainConfig's defaults; named configs: {', '.join(config_names())}", file=sys.stderr)
+        for message in cfg.missing_data():
+            print(f"note: needed before training: {message}", file=sys.stderr)
         return 0
-    from .loop import train
+    problem = _cuda_problem(cfg.device)
+    if problem:
+        return _error(problem)
+    from . import distributed
+    from .loop import Trainer
 
-    train(cfg)
+    # Only the setup's errors are the user's (checkpoints, data folders); one during the
+    # steps is unexpected and keeps its traceback.
+    try:
+        trainer = Trainer(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        distributed.cleanup()
+        return _error(exc)
+    try:
+        trainer.fit()
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -23,8 +23,10 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Any
+
+import torch
 
 from ..model.bimatting import REFINERS
 
@@ -42,6 +44,40 @@ def _check_int(cfg: "TrainConfig", name: str, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}: expected {kind}, got {value!r}")
+
+
+# What a field of each annotated kind must hold (int fields: ``_check_int``).
+_KINDS = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "float": (_is_real, "a number"),
+}
+
+
+def _check_kinds(cfg: "TrainConfig") -> None:
+    """Check each bool, str and float field against its annotation (``X | None`` also allows None).
+
+    JSON files are not typed: ``"train_hr": "false"`` is a truthy string, ``"out_dir": 5`` no path.
+    """
+    for f in fields(cfg):
+        kind, _, rest = str(f.type).partition(" | ")
+        value = getattr(cfg, f.name)
+        if kind not in _KINDS or (value is None and rest == "None"):
+            continue
+        accepts, expected = _KINDS[kind]
+        if not accepts(value):
+            raise ValueError(f"{f.name}: expected {expected}{' or null' if rest == 'None' else ''}, got {value!r}")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    try:
+        ok = torch.device(device).type in ("cpu", "cuda")
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"device: expected null, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 @dataclass
@@ -100,8 +136,13 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # torch.set_num_threads on CPU
+    # Not a field: False accepts a real-data config whose data folders are still missing (to
+    # show a stage's settings, ``--print-config``); see :meth:`missing_data`. Training needs them.
+    require_data: InitVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self, require_data: bool = True):
+        _check_kinds(self)
+        _check_device(self.device)
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
         # Counts: a zero or negative value would fail steps into the run (``step % log_every``)
@@ -129,17 +170,25 @@ class TrainConfig:
             raise ValueError(f"grad_clip: expected None or a finite number > 0, got {self.grad_clip!r}")
         if self.refiner not in REFINERS:
             raise ValueError(f"refiner: expected one of {sorted(REFINERS)}, got {self.refiner!r}")
+        if bool(self.seg_image_dir) != bool(self.seg_mask_dir):
+            raise ValueError("seg_image_dir / seg_mask_dir: give both folders or neither")
+        missing = self.missing_data()
+        if require_data and missing:
+            raise ValueError(missing[0])
+
+    def missing_data(self) -> list[str]:
+        """What the dataset needs but is not given (one message per missing folder; [] when complete)."""
+        missing = []
         if self.dataset == "videomatte" and not self.videomatte_dir:
-            raise ValueError("videomatte_dir: dataset='videomatte' needs the folder holding fgr/ and pha/")
+            missing.append("videomatte_dir: dataset='videomatte' needs the folder holding fgr/ and pha/")
         if self.dataset == "imagematte" and not self.imagematte_dir:
-            raise ValueError("imagematte_dir: dataset='imagematte' needs the folder holding fgr/ and pha/")
+            missing.append("imagematte_dir: dataset='imagematte' needs the folder holding fgr/ and pha/")
         if self.dataset != "synthetic" and not (self.background_image_dir or self.background_video_dir):
-            raise ValueError(
+            missing.append(
                 f"background_image_dir / background_video_dir: dataset={self.dataset!r} composites "
                 "foregrounds over backgrounds; give at least one background folder"
             )
-        if bool(self.seg_image_dir) != bool(self.seg_mask_dir):
-            raise ValueError("seg_image_dir / seg_mask_dir: give both folders or neither")
+        return missing
 
     # ---- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -147,13 +196,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], require_data: bool = True) -> "TrainConfig":
         """Build from a dict; unknown keys are an error that names them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+        return cls(**values, require_data=require_data)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed (validated again)."""
@@ -206,11 +255,12 @@ def config_names() -> list[str]:
     return list(CONFIGS)
 
 
-def get_config(name_or_path: str, **overrides: Any) -> TrainConfig:
+def get_config(name_or_path: str, *, require_data: bool = True, **overrides: Any) -> TrainConfig:
     """A named config (``stage1`` .. ``stage4``, ``demo``, ``tiny``) or a JSON file's, with overrides.
 
     A named real-data stage needs its data folders as overrides, e.g.
-    ``get_config('stage1', videomatte_dir=..., background_image_dir=...)``.
+    ``get_config('stage1', videomatte_dir=..., background_image_dir=...)``; with
+    ``require_data=False`` it is returned without them (see :meth:`TrainConfig.missing_data`).
     """
     if name_or_path in CONFIGS:
         values = {"name": name_or_path, **CONFIGS[name_or_path]}
@@ -222,5 +272,5 @@ def get_config(name_or_path: str, **overrides: Any) -> TrainConfig:
         values.setdefault("name", os.path.splitext(os.path.basename(name_or_path))[0])
     else:
         raise ValueError(f"config: expected one of {config_names()} or a path to a .json file, got {name_or_path!r}")
-    values.update({k: v for k, v in overrides.items()})
-    return TrainConfig.from_dict(values)
+    values.update(overrides)
+    return TrainConfig.from_dict(values, require_data=require_data)

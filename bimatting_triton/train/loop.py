@@ -111,7 +111,11 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, a pickle with code in it ...
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"checkpoint {path!r} could not be read as a weights-only torch file ({reason})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a training checkpoint of this package (format {CHECKPOINT_FORMAT!r})")
     return state
@@ -303,6 +307,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, log=print):
+        if cfg.missing_data():  # a config built with require_data=False (to show it) cannot train
+            raise ValueError(cfg.missing_data()[0])
         self.cfg = cfg
         self.info = distributed.setup(cfg.device)
         self.device = self.info.device
@@ -341,9 +347,12 @@ class Trainer:
         self.step = 0
         self.result = TrainResult(step=0)
         self.checkpoint_path = os.path.join(cfg.out_dir, "last.pt")
+        self.resumed_from: str | None = None
         resume = cfg.resume
         if resume == "auto":
             resume = self.checkpoint_path if os.path.isfile(self.checkpoint_path) else None
+            if resume is None:
+                self.log(f"resume auto: no checkpoint {self.checkpoint_path} yet, training starts from scratch")
         if resume:
             self._resume(resume)
         self.writer = self._tensorboard() if self.info.is_main else None
@@ -376,6 +385,7 @@ class Trainer:
         _warn_on_changed_settings(state.get("config"), self.cfg, path)
         self.step = int(state["step"])
         _set_rng_state(state["rng"])
+        self.resumed_from = path
         self.log(f"resumed from {path} at step {self.step}")
 
     def _tensorboard(self):
@@ -476,8 +486,22 @@ class Trainer:
 
     # ---- the loop
     def fit(self) -> TrainResult:
-        """Train until ``total_steps``; validate and checkpoint periodically and at the end."""
+        """Train until ``total_steps``; validate and checkpoint periodically and at the end.
+
+        A resumed checkpoint already at (or past) ``total_steps`` is left as it is: nothing
+        is trained, validated or saved, and the result points at that checkpoint.
+        """
         cfg = self.cfg
+        if self.resumed_from is not None and self.step >= self.total_steps:
+            self.log(
+                f"nothing to train: checkpoint {self.resumed_from} is at step {self.step}, and this run stops at "
+                f"step {self.total_steps} (max_steps {cfg.max_steps}, epochs {cfg.epochs}); no validation or "
+                "checkpoint is written; raise --max-steps or --epochs to train on"
+            )
+            self.result.step, self.result.checkpoint = self.step, self.resumed_from
+            if self.writer is not None:
+                self.writer.close()
+            return self.result
         self.model.train()
         self.log(
             f"training {type(self.model).__name__} with config {cfg.name!r} on {self.device} x{self.info.world_size} "
@@ -538,8 +562,7 @@ def train(config: TrainConfig | str, model: nn.Module | None = None, **overrides
     ``<out_dir>/last.pt``.
     """
     cfg = get_config(config, **overrides) if isinstance(config, str) else (config.replace(**overrides) if overrides else config)
-    trainer = Trainer(cfg, model=model)
     try:
-        return trainer.fit()
+        return Trainer(cfg, model=model).fit()
     finally:
-        distributed.cleanup()
+        distributed.cleanup()  # also when the setup fails after joining the process group

@@ -75,7 +75,76 @@ def test_command_line_overrides(capsys):
     assert main(["--config", "tiny", "--size", "48", "--grad-clip", "0.5", "--init", "none", "--amp", "false", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["name"] == "tiny" and cfg["size"] == 48 and cfg["grad_clip"] == 0.5 and cfg["init"] is None and cfg["amp"] is False
-    assert main(["--config", "stage1", "--print-config"]) == 2
-    assert "videomatte_dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", "tiny", "--size", "big"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    # JSON is untyped: "false" is a truthy string (HR training turned on), 5 is no folder.
+    [("train_hr", "false"), ("amp", "false"), ("augment", 0), ("out_dir", 5), ("device", 3), ("init", 1.0),
+     ("grad_clip", "1"), ("downsample_ratio_hr", "0.5"), ("lr_decoder", "1e-4"), ("name", None), ("device", "gpu")],
+)
+def test_json_values_of_the_wrong_type_are_rejected(tmp_path, field, value):
+    path = tmp_path / "typed.json"
+    path.write_text(json.dumps({"dataset": "synthetic", field: value}))
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        get_config(str(path))
+
+
+def test_matching_types_are_accepted():
+    cfg = get_config("tiny", lr_backbone=1, grad_clip=2, device="cuda:1", init=None, train_hr=True)
+    assert cfg.lr_backbone == 1 and cfg.device == "cuda:1"
+    assert get_config("tiny", device="cpu").device == "cpu"
+
+
+def test_print_config_without_config_or_data_folders(capsys):
+    assert main(["--print-config"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == TrainConfig().to_dict() and "stage1" in out.err
+    # A stage's settings before its data folders are given; a note says what training needs.
+    assert main(["--config", "stage1", "--print-config"]) == 0
+    out = capsys.readouterr()
+    cfg = json.loads(out.out)
+    assert cfg["name"] == "stage1" and cfg["dataset"] == "videomatte" and cfg["videomatte_dir"] is None
+    assert "note: needed before training: videomatte_dir" in out.err and "background_image_dir" in out.err
+    assert main(["--config", "stage1", "--print-config", "--videomatte-dir", "vm", "--background-image-dir", "bg"]) == 0
+    assert "note" not in capsys.readouterr().err
+    # Training still needs them, and --config.
+    assert main(["--config", "stage1"]) == 2
+    assert capsys.readouterr().err.startswith("error: videomatte_dir")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--size", "48"])
+    assert exit_info.value.code == 2 and "--config is required" in capsys.readouterr().err
+
+
+def _cli(tmp_path, *flags):
+    return main(["--config", "tiny", "--out-dir", str(tmp_path / "run"), "--threads", "1", *flags])
+
+
+def test_command_line_reports_user_errors_without_traceback(tmp_path, capsys, monkeypatch):
+    import torch
+
+    assert _cli(tmp_path, "--resume", str(tmp_path / "nothere.pt")) == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_text("hello")
+    for name in ("other.pt", "garbage.pt"):
+        assert _cli(tmp_path, "--resume", str(tmp_path / name)) == 2
+        assert capsys.readouterr().err.startswith(f"error: checkpoint {str(tmp_path / name)!r}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cli(tmp_path, "--device", "cuda") == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda: CUDA is not available")
+    assert _cli(tmp_path, "--device", "gpu") == 2
+    assert "device: expected" in capsys.readouterr().err
+
+
+def test_command_line_keeps_tracebacks_of_unexpected_errors(tmp_path, monkeypatch):
+    from bimatting_triton.train import loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(loop.Trainer, "fit", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        _cli(tmp_path)

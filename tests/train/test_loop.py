@@ -100,6 +100,36 @@ def test_resume_warns_about_changed_run_settings_only(runs):
     assert other.step == 4
 
 
+def test_resume_past_max_steps_does_nothing(runs):
+    _, _, _, root = runs
+    path = str(root / "a" / "last.pt")
+    logged = []
+    cfg = get_config("tiny", out_dir=str(root / "e"), resume=path, max_steps=2, val_clips=1, **QUIET)
+    result = Trainer(cfg, log=logged.append).fit()
+    assert result.step == 4 and result.validations == {} and result.checkpoint == path
+    assert not os.path.exists(root / "e" / "last.pt") and not os.path.exists(root / "e" / "log.jsonl")
+    assert any("nothing to train" in m and "at step 4" in m and "stops at step 2" in m for m in logged), logged
+    assert not any("-> 2" in m for m in logged)
+
+
+def test_resume_auto_without_a_checkpoint_says_so(tmp_path):
+    logged = []
+    trainer = Trainer(get_config("tiny", out_dir=str(tmp_path), resume="auto", **QUIET), log=logged.append)
+    assert trainer.step == 0
+    assert any("no checkpoint" in m and str(tmp_path / "last.pt") in m and "from scratch" in m for m in logged), logged
+
+
+def test_load_checkpoint_errors(tmp_path):
+    (tmp_path / "garbage.pt").write_text("hello")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_checkpoint(str(tmp_path / "garbage.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nothere.pt"))
+
+
 def test_resume_with_amp_from_a_checkpoint_saved_without_it(runs):
     """A CPU (or amp=False) run saves its disabled GradScaler as {}: resuming it with AMP on keeps a fresh scaler."""
     _, _, _, root = runs
