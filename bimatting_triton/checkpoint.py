@@ -1,4 +1,9 @@
-"""Reading official (and our own training) checkpoints into a model, with clear errors."""
+"""Reading official (and our own training) checkpoints into a model, with clear errors.
+
+Also knows the header of :mod:`bimatting_triton.packed`'s inference checkpoints
+(:data:`PACKED_FORMAT`, :func:`is_packed_file`), so that one passed where a state_dict
+is expected is named as such.
+"""
 from __future__ import annotations
 
 import os
@@ -11,6 +16,8 @@ NESTED_KEYS = ("state_dict", "model")
 DDP_PREFIX = "module."
 # BatchNorm counters that old checkpoints may lack; they never change the outputs.
 OPTIONAL_SUFFIXES = (".num_batches_tracked",)
+#: The ``'format'`` entry of a packed inference checkpoint (``bimatting_triton.packed.FORMAT``).
+PACKED_FORMAT = "bimatting-packed"
 
 
 class CheckpointError(ValueError):
@@ -25,27 +32,54 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     ``{name: tensor}`` dict.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint path {path!r} is a folder, expected a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist or is not a file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code in it, not a torch file ...
-        raise CheckpointError(f"checkpoint {path!r} could not be read as a weights-only torch file: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path!r} is not a readable PyTorch checkpoint (not written by torch.save, truncated or "
+            f"corrupted, or holding objects that weights-only loading refuses): {type(exc).__name__}: {exc}"
+        ) from exc
     return unwrap_state_dict(obj, source=path)
+
+
+def is_packed_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a packed inference checkpoint (``bimatting_triton.packed.save_packed``).
+
+    Reads only the header (the tensors are memory-mapped, not read); ``False`` for any file
+    that cannot be read so (the loader that follows then reports why).
+    """
+    try:
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return _is_packed(obj)
+
+
+def _is_packed(obj: object) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == PACKED_FORMAT
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
     """Find the state_dict inside a loaded checkpoint object and strip DDP prefixes."""
+    if _is_packed(obj):
+        raise CheckpointError(f"{source}: this is a packed inference checkpoint: use bimatting_triton.packed.load_packed")
     if isinstance(obj, Mapping):
         for key in NESTED_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(
-            f"{source}: expected a state_dict (a mapping of names to tensors), or a dict holding one "
-            f"under {' or '.join(repr(k) for k in NESTED_KEYS)}; got {type(obj).__name__}"
-        )
+    expected = (f"{source}: expected a state_dict (a mapping of names to tensors), or a dict holding one "
+                f"under {' or '.join(repr(k) for k in NESTED_KEYS)}")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{expected}; got {type(obj).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise CheckpointError(f"{expected}; got a {type(obj).__name__} whose values are not all tensors: {shown}")
     if obj and all(k.startswith(DDP_PREFIX) for k in obj):
         obj = {k[len(DDP_PREFIX):]: v for k, v in obj.items()}
     return dict(obj)

@@ -93,6 +93,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _frame_rate(text: str) -> Fraction:
     """``25``, ``29.97`` (a decimal near an NTSC rate means it: 30000/1001) or ``30000/1001`` (exact)."""
     from .video.readers import as_frame_rate
@@ -130,12 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--checkpoint", metavar="CKPT",
-                       help="BiMatting checkpoint (.pth); without it the weights are random")
-    model.add_argument("--refiner", choices=("deep_guided_filter", "fast_guided_filter"),
-                       default="deep_guided_filter", help="high-resolution refiner (default: %(default)s)")
+                       help="BiMatting checkpoint (.pth), or a packed inference checkpoint "
+                            "(bimatting_triton.packed.save_packed: runs fused, as with --fused); without "
+                            "it the weights are random")
+    model.add_argument("--refiner", choices=("deep_guided_filter", "fast_guided_filter"), default=None,
+                       help="high-resolution refiner (default: deep_guided_filter; a packed checkpoint's "
+                            "own)")
     model.add_argument("--fused", action="store_true",
                        help="run the packed binary model (bimatting_triton.convert): Triton kernels on "
-                            "CUDA, their plain-PyTorch references elsewhere")
+                            "CUDA, their plain-PyTorch references elsewhere (implied by a packed "
+                            "--checkpoint)")
     model.add_argument("--cuda-graph", action="store_true",
                        help="replay each model call as a CUDA graph (CUDA devices; cuts the launch "
                             "overhead of one frame per call; bimatting_triton.CudaGraphStep)")
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frame-rate", type=_frame_rate, default=None, metavar="FPS",
                      help="frame rate of image inputs, e.g. 25, 29.97 (= 30000/1001) or 30000/1001 "
                           "(default 30; videos keep theirs)")
-    run.add_argument("--threads", type=int, default=0, metavar="N",
+    run.add_argument("--threads", type=_non_negative_int, default=0, metavar="N",
                      help="FFmpeg decoding threads (0: automatic)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -167,27 +181,55 @@ def _infer_output_type(paths: list[str]) -> str:
     return "png_sequence" if all(folder_or_png(p) for p in paths) else "video"
 
 
-def load_model(checkpoint: str | None, refiner: str, device, dtype, fused: bool):
+def load_model(checkpoint: str | None, refiner: str | None, device, dtype, fused: bool):
     """The BiMatting model the CLI runs: loaded from ``checkpoint`` (random weights if
-    ``None``), moved to ``device``/``dtype``, in eval mode, fused if asked."""
+    ``None``), moved to ``device``/``dtype``, in eval mode, fused if asked.
+
+    A packed inference checkpoint (:func:`bimatting_triton.packed.save_packed`) holds the
+    fused model: it is run as it is, ``fused`` or not, with its own refiner (``refiner``,
+    if given, must be that one). ``refiner`` None: ``deep_guided_filter`` otherwise.
+    """
     import bimatting_triton
     from bimatting_triton import BiMatting
+
+    from .checkpoint import CheckpointError, is_packed_file
 
     convert = getattr(bimatting_triton, "convert", None)
     if fused and convert is None:
         raise _UsageError("--fused needs bimatting_triton.convert (the fused kernel path), which "
                           "this installation does not have; run without --fused")
     if checkpoint is None:
-        model = BiMatting(refiner=refiner)
+        model = BiMatting(refiner=refiner or "deep_guided_filter")
+    elif os.path.isdir(checkpoint):
+        raise IsADirectoryError(f"--checkpoint {checkpoint!r} is a folder, expected a checkpoint file")
+    elif not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
     else:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
-        model = BiMatting.from_pretrained(checkpoint, refiner=refiner, map_location="cpu")
+        try:
+            if is_packed_file(checkpoint):
+                return _load_packed(checkpoint, refiner, device, dtype)
+            model = BiMatting.from_pretrained(checkpoint, refiner=refiner or "deep_guided_filter",
+                                              map_location="cpu")
+        except CheckpointError as e:
+            raise CheckpointError(f"--checkpoint: {e}") from e
     model = model.to(device=device, dtype=dtype).eval()
     if fused:
         converted = convert(model)
         model = converted if converted is not None else model
     return model
+
+
+def _load_packed(checkpoint: str, refiner: str | None, device, dtype):
+    """A packed inference checkpoint's fused model, as :func:`load_model` returns it."""
+    from .packed import load_packed
+
+    model = load_packed(checkpoint)
+    if refiner not in (None, model.refiner_name):
+        raise _UsageError(f"--refiner {refiner}: the packed --checkpoint {checkpoint!r} holds the "
+                          f"{model.refiner_name} refiner; leave --refiner out")
+    print(f"bimatting: --checkpoint {checkpoint!r} is a packed inference checkpoint: running its fused "
+          "model", file=sys.stderr)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 class _UsageError(Exception):
@@ -202,13 +244,20 @@ _FLAGS = {
     "input_resize": "--input-resize", "seq_chunk": "--seq-chunk", "frame_rate": "--frame-rate",
     "num_workers": "--threads", "background image": "--background-image",
 }
-# An argument name outside quotes: paths in the messages are quoted (repr), and left alone.
-_NAMES = re.compile(r"""('[^']*'|"[^"]*")|\b(%s)\b""" % "|".join(map(re.escape, _FLAGS)))
+# An argument name outside quotes, with the value it is set to (``output_type='png_sequence'``)
+# if any: paths in the messages are quoted (repr), and left alone.
+_NAMES = re.compile(r"""('[^']*'|"[^"]*")|\b(%s)\b(?:=('[^']*'|[\w.+-]+))?""" % "|".join(map(re.escape, _FLAGS)))
 
 
 def _with_flags(message: str) -> str:
-    """``message`` (from convert_video) with its argument names replaced by the CLI's flags."""
-    return _NAMES.sub(lambda m: m.group(1) or _FLAGS[m.group(2)], message)
+    """``message`` (from convert_video) with its argument names replaced by the CLI's flags:
+    ``output_type='png_sequence'`` reads ``--output-type png_sequence``."""
+    def flag(m: re.Match) -> str:
+        if m.group(1):
+            return m.group(1)
+        value = (m.group(3) or "").strip("'")
+        return f"{_FLAGS[m.group(2)]} {value}" if value else _FLAGS[m.group(2)]
+    return _NAMES.sub(flag, message)
 
 
 def _interrupt(signum, frame):
@@ -228,26 +277,28 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from .devices import usable_device
     from .video import convert_video
     from .video.writers import MissingEncoderError
 
     outputs = [p for p in (args.composition, args.alpha, args.foreground) if p]
     output_type = args.output_type or _infer_output_type(outputs)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     background = args.background_color or args.background_image
-    if args.checkpoint is None:
-        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         # ``kill`` (SIGTERM) cleans up like Ctrl-C: no temporary output is left behind.
         previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:
-            torch_device = torch.device(device)
-        except RuntimeError as e:
-            raise _UsageError(f"--device {device!r} is not a torch device: {e}") from e
+            torch_device = usable_device(args.device, "--device")
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
         if args.cuda_graph and torch_device.type != "cuda":
-            raise _UsageError(f"--cuda-graph needs a CUDA device, got --device {device!r}")
+            got = (f"got --device {args.device!r}" if args.device is not None else
+                   "and none is available (no --device given, so the model runs on the CPU)")
+            raise _UsageError(f"--cuda-graph needs a CUDA device, {got}")
+        if args.checkpoint is None:
+            print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
         model = load_model(args.checkpoint, args.refiner, torch_device, getattr(torch, args.dtype),
                            args.fused)
         if args.cuda_graph:

@@ -14,6 +14,8 @@ It is itself such a model, so ``convert_video(CudaGraphStep(model), ...)`` works
 
 How a call runs:
 
+* ``src`` not on a CUDA device: ``ValueError`` at once, on the first call too (a CUDA
+  graph can only be captured on CUDA; run the model itself elsewhere).
 * Any recurrent state None (the first call of a stream): the model runs eagerly.
 * The first call with a new *signature* (shapes, dtypes and device of ``src`` and the
   states, ``downsample_ratio``, ``segmentation_pass``) also runs eagerly: a shape seen
@@ -53,8 +55,7 @@ def capture(forward: Callable[[], Sequence[Tensor]], example: Tensor, pool=None)
     (static tensors) from the current contents of the static inputs. ``example``: a
     tensor of the step, whose device must be CUDA. ``pool``: a graph memory pool to share.
     """
-    if example.device.type != "cuda":
-        raise ValueError(f"src must be a CUDA tensor to be captured in a CUDA graph, got one on {example.device}")
+    _check_device(example)
     side = torch.cuda.Stream(example.device)
     side.wait_stream(torch.cuda.current_stream(example.device))
     with torch.cuda.stream(side):
@@ -66,6 +67,18 @@ def capture(forward: Callable[[], Sequence[Tensor]], example: Tensor, pool=None)
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outputs = list(forward())
     return graph, outputs
+
+
+#: The device types ``capture`` records on. A stand-in ``capture`` (the CPU tests' fake
+#: graphs) without this attribute is trusted with any device.
+capture.device_types = ("cuda",)
+
+
+def _check_device(src: Tensor, types: Sequence[str] | None = capture.device_types) -> None:
+    """``ValueError`` naming ``src``'s device unless its type is one of ``types`` (None: any)."""
+    if types is not None and src.device.type not in types:
+        raise ValueError(f"src must be a CUDA tensor to be captured in a CUDA graph, got one on {src.device} "
+                         "(CudaGraphStep needs a model and inputs on CUDA; call the model itself elsewhere)")
 
 
 @dataclass
@@ -83,7 +96,8 @@ class CudaGraphStep(nn.Module):
     with outputs ``(*frame_outputs, *new_rec)`` (one new state per state given), e.g.
     :class:`~bimatting_triton.BiMatting` (converted or not) or RVM's ``MattingNetwork``.
     ``clone_outputs``: return copies of the frame outputs (else the graph's own tensors,
-    overwritten by the next call).
+    overwritten by the next call). ``src`` must be a CUDA tensor: ``ValueError`` on any
+    call, the first included, otherwise.
     """
 
     def __init__(self, model: nn.Module, clone_outputs: bool = True):
@@ -115,6 +129,7 @@ class CudaGraphStep(nn.Module):
             kwargs["segmentation_pass"] = True
         if not isinstance(src, Tensor):
             raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
+        _check_device(src, getattr(capture, "device_types", None))  # capture: looked up now, as _capture does
         if not rec or any(r is None for r in rec):
             return self.model(src, *rec, **kwargs)  # a stream's first call: shapes of the states unknown
         key = (_signature(src), tuple(_signature(r) for r in rec), float(downsample_ratio), bool(segmentation_pass))

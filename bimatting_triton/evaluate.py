@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .devices import usable_device
 from .metrics import FGR_METRICS, METRICS, clip_metrics, dtssd
 
 __all__ = [
@@ -303,29 +304,9 @@ def _resolve_metrics(metrics, protocol: str) -> tuple[tuple[str, ...], bool]:
 
 
 def _default_device(device) -> torch.device:
-    """``device`` as a :class:`torch.device`, checked usable here (None: CUDA when available, else CPU).
-
-    Raises ValueError naming --device for a malformed device or one this machine lacks
-    (e.g. ``cuda`` without CUDA), instead of torch's AssertionError at the first transfer.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r}: not a valid torch device ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "meta"):
-        try:
-            torch.empty(0, device=dev)
-        except Exception as e:  # e.g. AssertionError "Torch not compiled with XPU enabled"
-            reason = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"--device {device!r}: not usable on this machine ({reason})") from None
-    return dev
+    """``device`` as a :class:`torch.device` usable here (None: CUDA when available, else CPU);
+    ValueError naming --device otherwise (see :func:`~bimatting_triton.devices.usable_device`)."""
+    return usable_device(device, "--device")
 
 
 def _load_stack(paths: list[str], reader, expected: tuple[int, ...] | None, reference: str) -> np.ndarray:

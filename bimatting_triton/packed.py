@@ -47,20 +47,23 @@ File format (version :data:`VERSION`): ``torch.save`` of a dict of tensors, ``st
 file; a file that is not this format, another version, truncated, corrupted or whose
 entries do not fit the fused model (names, shapes, dtypes) raises
 :class:`PackedCheckpointError` (a ``ValueError``) saying which. Files are written
-atomically (a temporary file in the same folder, then ``os.replace``).
+atomically (a temporary file in the same folder, then ``os.replace``): a new file gets
+the permissions of a plainly created one (``0o666`` less the umask), a replaced file
+keeps its own.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import zlib
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import PACKED_FORMAT, CheckpointError
+from .devices import usable_device
 from .fuse import BACKENDS, BinaryConvUnit, convert
 from .fuse_decoder import current_conv_gru_key
 from .kernels.binary_conv import PackedWeight, dot_weights
@@ -70,7 +73,7 @@ from .nn import BiConv2d
 
 __all__ = ["save_packed", "load_packed", "PackedCheckpointError", "FORMAT", "VERSION"]
 
-FORMAT = "bimatting-packed"
+FORMAT = PACKED_FORMAT
 VERSION = 1
 
 # Storage dtypes by name (the names are what the file holds).
@@ -226,8 +229,15 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     ``convert``: BatchNorm folded with its running statistics, i.e. eval semantics) or
     already converted, in float16, bfloat16, float32 or float64. :func:`load_packed` gives back a model whose
     outputs equal ``convert(model)``'s bit for bit (module docstring). The file is
-    written atomically.
+    written atomically, with the permissions of a plainly created file (an existing one
+    keeps its own). ``path``: a file in an existing folder, checked before encoding.
     """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path {path!r} is a folder, expected the packed checkpoint's file name")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path {path!r}: the folder {folder!r} does not exist")
     fused = _fused(model)
     dtypes = {p.dtype for p in fused.state_dict().values() if p.is_floating_point()}
     if len(dtypes) != 1:
@@ -248,18 +258,39 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         **{f"pool.{k}": v for k, v in pools.items()},
     }
     obj["sha256"] = _digest(_payload(obj))
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:  # a replaced file keeps its permissions (from the start: its contents may be private)
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = _create_temp(path, 0o666 if mode is None else mode)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        if mode is not None:
+            os.chmod(tmp, mode)  # exactly, past the umask
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return os.path.getsize(path)
+
+
+def _create_temp(path: str, mode: int) -> tuple[int, str]:
+    """A new temporary file beside ``path``, opened for writing: ``(fd, name)``.
+
+    Created with ``mode`` less the umask by the kernel: with ``0o666`` it gets the
+    permissions of any new file, where ``mkstemp``'s 0600 would make it private (and
+    reading the umask means changing it, process-wide, for a moment).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -405,7 +436,8 @@ def load_packed(
 ) -> nn.Module:
     """The fused BiMatting (as :func:`~bimatting_triton.convert` returns) stored at ``path``.
 
-    ``device``: where to put it (default CPU). ``backend``: as for ``convert``
+    ``device``: where to put it (default CPU); one this PyTorch cannot use (``'cuda'``
+    without CUDA) raises ``ValueError`` before the file is read. ``backend``: as for ``convert``
     (``'auto'``: Triton kernels where they can run, ``'reference'``: plain PyTorch).
     The model is in eval mode, in the float dtype it was saved from. Reads with
     ``torch.load(weights_only=True)``; raises :class:`PackedCheckpointError` for a file
@@ -414,6 +446,8 @@ def load_packed(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device is not None:
+        usable_device(device, "device")
     path = os.fspath(path)
     source = f"packed checkpoint {path!r}"
     obj, rows = _read(path)
@@ -435,3 +469,4 @@ def load_packed(
     if device is not None:
         fused.to(device)
     return fused.eval()
+

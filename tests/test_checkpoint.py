@@ -86,3 +86,63 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="does-not-exist.pth"):
         BiMatting.from_pretrained("does-not-exist.pth")
+
+
+def test_folder_is_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder, expected a checkpoint file"):
+        BiMatting.from_pretrained(tmp_path)
+
+
+def test_unreadable_file_says_so(tmp_path):
+    """Not a torch.save file: torch.load's bare error (``101``) is explained."""
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"hello\n")
+    with pytest.raises(CheckpointError, match=r"'.*garbage.pth' is not a readable PyTorch checkpoint .*: \w+Error"):
+        BiMatting.from_pretrained(path)
+
+
+def test_values_that_are_not_tensors_are_named(tmp_path):
+    path = tmp_path / "mixed.pth"
+    torch.save({"a.weight": torch.zeros(1), "epoch": 3, "note": "x"}, path)
+    with pytest.raises(CheckpointError, match=r"dict whose values are not all tensors: 'epoch' \(int\), 'note' \(str\)"):
+        BiMatting.from_pretrained(path)
+
+
+def test_packed_checkpoint_is_named(tmp_path):
+    """A packed inference checkpoint (its header is enough) points to load_packed."""
+    from bimatting_triton.checkpoint import PACKED_FORMAT, is_packed_file
+    from bimatting_triton.packed import FORMAT
+
+    assert PACKED_FORMAT == FORMAT
+    path = tmp_path / "model.packed"
+    torch.save({"format": FORMAT, "version": 1, "signs": torch.zeros(3, dtype=torch.uint8)}, path)
+    with pytest.raises(CheckpointError, match="this is a packed inference checkpoint: use "
+                                              "bimatting_triton.packed.load_packed"):
+        BiMatting.from_pretrained(path)
+    assert is_packed_file(path)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"hello\n")
+    assert not any(is_packed_file(tmp_path / n) for n in ("plain.pth", "garbage.pth", "missing.pth"))
+
+
+@pytest.mark.parametrize("device, available, count, message", [
+    (None, False, 0, None),
+    ("cpu", False, 0, None),
+    ("cuda", False, 0, "--device 'cuda': CUDA is not available here"),
+    ("cuda:2", True, 2, "--device 'cuda:2': this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+    ("meta", False, 0, "--device 'meta': the meta device holds no data"),
+    ("nonsense", False, 0, "--device 'nonsense' is not a torch device"),
+])
+def test_usable_device_names_the_argument(monkeypatch, device, available, count, message):
+    """The one device check of the CLIs, evaluate and load_packed."""
+    import torch
+
+    from bimatting_triton.devices import usable_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if message is None:
+        assert usable_device(device, "--device") == torch.device("cpu")
+    else:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            usable_device(device, "--device")

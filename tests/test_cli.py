@@ -110,6 +110,7 @@ def test_defaults_and_inferred_output_type(recorded):
     (["in.mp4", "-o", "o.mp4", "--frame-rate", "nan"], "frame rate such as"),
     (["in.mp4", "-o", "o.mp4", "--frame-rate", "-25"], "frame rate such as"),
     (["in.mp4", "-o", "o.mp4", "--frame-rate", "1/0"], "frame rate such as"),
+    (["in.mp4", "-o", "o.mp4", "--threads", "-3"], "argument --threads: expected an integer >= 0, got '-3'"),
 ])
 def test_bad_arguments(recorded, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
@@ -151,7 +152,10 @@ def test_run_errors_are_reported_not_raised(clip, tmp_path, capsys):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     assert cli.main([clip, "-o", str(tmp_path / "o.mp4"), "--device", "cpu",
                      "--checkpoint", str(tmp_path / "bad.pth")]) == 1
-    assert "bad.pth" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--checkpoint: checkpoint '" in err and "bad.pth' is not a readable PyTorch checkpoint" in err
+    assert cli.main([clip, "-o", str(tmp_path / "o.mp4"), "--device", "cpu", "--checkpoint", str(tmp_path)]) == 1
+    assert f"--checkpoint '{tmp_path}' is a folder, expected a checkpoint file" in capsys.readouterr().err
     assert cli.main([str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4"), "--device", "cpu",
                      "--no-progress"]) == 1
     err = capsys.readouterr().err
@@ -170,9 +174,9 @@ def test_errors_name_the_flags(monkeypatch, clip, tmp_path, capsys):
     monkeypatch.setattr(cli, "load_model", lambda *a: FakeMatting())
     cases = [
         (["-o", str(tmp_path / "o.avi")], "-o/--composition '"),
+        (["-o", str(tmp_path / "o.avi")], "(or --output-type png_sequence for a folder of PNGs)"),
         (["--alpha", str(tmp_path / "output_alpha" / "a.mp4")],
          f"--alpha '{tmp_path / 'output_alpha' / 'a.mp4'}': the folder '{tmp_path / 'output_alpha'}'"),
-        (["--foreground", str(tmp_path / "f.mp4"), "--threads", "-1"], "--threads must be >= 0"),
         (["--alpha", str(tmp_path / "a.mp4"), "--foreground", str(tmp_path / "a.mp4")],
          "--foreground '"),
     ]
@@ -223,16 +227,84 @@ def test_fused(monkeypatch, clip, tmp_path, capsys):
     assert np.abs(frames.astype(float) - want).mean() < 3
 
 
+def test_with_flags_reads_like_the_command_line():
+    assert cli._with_flags("num_workers must be >= 0; or output_type='png_sequence', 'output_type=x'") == \
+        "--threads must be >= 0; or --output-type png_sequence, 'output_type=x'"
+
+
+@pytest.mark.parametrize("device,available,count,message", [
+    ("cuda", False, 0, "--device 'cuda': CUDA is not available here"),
+    ("cuda:1", False, 0, "--device 'cuda:1': CUDA is not available here"),
+    ("cuda:2", True, 2, "--device 'cuda:2': this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+    ("meta", False, 0, "--device 'meta': the meta device holds no data"),
+    ("nonsense", False, 0, "--device 'nonsense' is not a torch device"),
+])
+def test_device_is_checked_up_front(recorded, monkeypatch, capsys, device, available, count, message):
+    """A device this PyTorch cannot use is a usage error naming --device (exit 2, no traceback),
+    before the model is loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert cli.main(["in.mp4", "--alpha", "a.mp4", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"bimatting: error: {message}" in err and "Traceback" not in err and "RANDOM" not in err
+    assert recorded == {}
+
+
+@pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="this PyTorch has an XPU")
+def test_device_type_this_build_lacks(recorded, capsys):
+    assert cli.main(["in.mp4", "--alpha", "a.mp4", "--device", "xpu"]) == 2
+    assert "--device 'xpu' cannot be used by this PyTorch" in capsys.readouterr().err and recorded == {}
+
+
 def test_cuda_graph_flag(monkeypatch, capsys):
     calls = {}
     monkeypatch.setattr(cli, "load_model", lambda *a: FakeMatting())
     monkeypatch.setattr("bimatting_triton.video.convert_video",
                         lambda model, src, **kw: calls.setdefault("model", model) and 3)
     assert cli.main(["in.mp4", "-o", "o.mp4", "--device", "cpu", "--cuda-graph"]) == 2
-    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err and not calls
+    assert "--cuda-graph needs a CUDA device, got --device 'cpu'" in capsys.readouterr().err and not calls
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["in.mp4", "-o", "o.mp4", "--cuda-graph"]) == 2   # no --device: none to name
+    err = capsys.readouterr().err
+    assert "--cuda-graph needs a CUDA device, and none is available (no --device given" in err and not calls
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert cli.main(["in.mp4", "-o", "o.mp4", "--device", "cuda", "--cuda-graph"]) == 0
     step = calls["model"]
     assert isinstance(step, bimatting_triton.CudaGraphStep) and isinstance(step.model, FakeMatting)
+
+
+def test_packed_checkpoint(clip, tmp_path, capsys):
+    """A packed inference checkpoint runs its fused model, with or without --fused; a
+    --refiner other than its own is refused."""
+    from bimatting_triton.packed import load_packed, save_packed
+
+    torch.manual_seed(4)
+    save_packed(BiMatting().eval(), tmp_path / "m.packed")
+    run = [clip, "--checkpoint", str(tmp_path / "m.packed"), "--device", "cpu", "--seq-chunk", "3",
+           "--downsample-ratio", "0.5", "--no-progress"]
+    for name, extra in (("plain", []), ("fused", ["--fused"])):
+        assert cli.main([*run, "--alpha", str(tmp_path / name), *extra]) == 0
+        err = capsys.readouterr().err
+        assert "is a packed inference checkpoint: running its fused model" in err and "RANDOM" not in err
+    convert_video(load_packed(tmp_path / "m.packed"), clip, output_type="png_sequence",
+                  output_alpha=str(tmp_path / "direct"), seq_chunk=3, downsample_ratio=0.5, progress=False)
+    for i in range(3):
+        want = read_png(tmp_path / "direct" / f"{i:04d}.png", "gray")
+        for name in ("plain", "fused"):
+            np.testing.assert_array_equal(read_png(tmp_path / name / f"{i:04d}.png", "gray"), want)
+    assert cli.main([*run, "--alpha", str(tmp_path / "x"), "--refiner", "fast_guided_filter"]) == 2
+    assert "--refiner fast_guided_filter: the packed --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_downsample_ratio_too_small_hint(clip, tmp_path, capsys):
+    assert cli.main([clip, "--alpha", str(tmp_path / "a"), "--device", "cpu", "--no-progress",
+                     "--downsample-ratio", "0.01"]) == 1
+    err = capsys.readouterr().err
+    assert "--downsample-ratio: 0.01 turns the 40x24 frames into nothing; use a larger ratio, or leave it " \
+           "unset (None) for the automatic choice of convert_video and the bimatting command" in err
+    assert os.listdir(tmp_path) == []
 
 
 def test_ctrl_c_exit_code_and_no_file(monkeypatch, clip, tmp_path, capsys):

@@ -143,12 +143,21 @@ def test_errors(model, fake_graphs, monkeypatch):
 
 
 def test_real_capture_needs_cuda(model):
-    step = CudaGraphStep(model)
+    """A CPU src is refused on the first call (not only at the capture, after two eager
+    calls), and on every later one, without running the model."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return model(*args, **kwargs)
+
+    step = CudaGraphStep(counting)
     with torch.no_grad():
         _, _, *rec = model(_clip(1, 0))
-        step(_clip(1, 1), *rec)
-        with pytest.raises(ValueError, match="src must be a CUDA tensor"):
-            step(_clip(1, 2), *rec)
+        for args in [(_clip(1, 0),), (_clip(1, 1), *rec), (_clip(1, 2), *rec), (_clip(1, 3), *rec)]:
+            with pytest.raises(ValueError, match="src must be a CUDA tensor .* got one on cpu"):
+                step(*args)
+    assert calls == [] and step.graphs == 0
 
 
 @pytest.mark.skipif(not CUDA, reason="needs BIMATTING_TEST_CUDA=1 and a CUDA device")

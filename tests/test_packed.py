@@ -308,3 +308,40 @@ def test_error_types_and_bad_arguments(model, tmp_path):
         save_packed(RVMMobileNetV3(), tmp_path / "x.packed")
     with pytest.raises(ValueError, match="backend must be one of"):
         load_packed(tmp_path / "x.packed", backend="cuda")
+
+
+def test_file_permissions(model, tmp_path):
+    """A new file gets 0o666 less the umask (not a fixed 0o644); a replaced file keeps its mode."""
+    path = tmp_path / "m.packed"
+    old = os.umask(0o027)
+    try:
+        save_packed(model, path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    os.chmod(path, 0o600)
+    save_packed(model, path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path) == ["m.packed"]
+
+
+def test_output_path_is_checked_before_encoding(model, tmp_path, monkeypatch):
+    import bimatting_triton.packed as packed
+
+    def no_encoding(fused):
+        raise AssertionError("encoded before checking the path")
+
+    monkeypatch.setattr(packed, "_encode", no_encoding)
+    with pytest.raises(IsADirectoryError, match=f"path '{tmp_path}' is a folder"):
+        save_packed(model, tmp_path)
+    with pytest.raises(FileNotFoundError, match="the folder .*nodir' does not exist"):
+        save_packed(model, tmp_path / "nodir" / "m.packed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unusable_device_is_named(saved):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+            load_packed(saved, device="cuda")
+    with pytest.raises(ValueError, match="'nonsense' is not a torch device"):
+        load_packed(saved, device="nonsense")

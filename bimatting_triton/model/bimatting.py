@@ -178,7 +178,8 @@ def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> None:
     if int(h * downsample_ratio) < 1 or int(w * downsample_ratio) < 1:
         raise ValueError(
             f"downsample_ratio: {downsample_ratio} turns the {w}x{h} frames into nothing; "
-            "use a larger ratio (or None/auto in convert_video)"
+            "use a larger ratio, or leave it unset (None) for the automatic choice of convert_video and the "
+            "bimatting command"
         )
     # F.interpolate floors the scaled size; each level below halves it, rounding up.
     size = (h, w) if downsample_ratio == 1 else (int(h * downsample_ratio), int(w * downsample_ratio))

@@ -19,6 +19,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
+from ..devices import usable_device
 from .config import TrainConfig, config_names, get_config
 
 USAGE_ERROR = 2  # exit status of every reported mistake, as argparse's own
@@ -74,20 +75,6 @@ def _error(message: object) -> int:
     return USAGE_ERROR
 
 
-def _cuda_problem(device: str | None) -> str | None:
-    """Why ``device`` (validated by the config) cannot be used here, or None."""
-    import torch
-
-    if device is None or torch.device(device).type != "cuda":
-        return None
-    if not torch.cuda.is_available():
-        return f"--device {device}: CUDA is not available here; use --device cpu, or leave --device out to pick one"
-    index, count = torch.device(device).index, torch.cuda.device_count()
-    if index is not None and index >= count:
-        return f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -109,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         for message in cfg.missing_data():
             print(f"note: needed before training: {message}", file=sys.stderr)
         return 0
-    problem = _cuda_problem(cfg.device)
-    if problem:
-        return _error(problem)
+    try:
+        usable_device(cfg.device, "--device")  # before joining a process group or reading data
+    except ValueError as exc:
+        return _error(exc)
     from . import distributed
     from .loop import Trainer
 

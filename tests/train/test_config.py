@@ -134,7 +134,7 @@ def test_command_line_reports_user_errors_without_traceback(tmp_path, capsys, mo
         assert capsys.readouterr().err.startswith(f"error: checkpoint {str(tmp_path / name)!r}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _cli(tmp_path, "--device", "cuda") == 2
-    assert capsys.readouterr().err.startswith("error: --device cuda: CUDA is not available")
+    assert capsys.readouterr().err.startswith("error: --device 'cuda': CUDA is not available")
     assert _cli(tmp_path, "--device", "gpu") == 2
     assert "device: expected" in capsys.readouterr().err
 
