@@ -265,11 +265,15 @@ def main(argv: list[str]) -> int:
         description="Kernel benchmarks (pytest-benchmark); arguments after -- go to pytest.",
         usage="python bench/kernels.py [--size WxH@RATIO] [-- PYTEST_ARGS ...]",
     )
-    parser.add_argument("--size", type=parse_frame_size, default=parse_frame_size(DEFAULT_SIZE),
+    parser.add_argument("--size", default=DEFAULT_SIZE,
                         help=f"WIDTHxHEIGHT@RATIO of the frames whose layers are benchmarked (default {DEFAULT_SIZE})")
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    w, h, ratio = parser.parse_args(ours).size
-    os.environ["BIMATTING_BENCH_SIZE"] = f"{w}x{h}@{ratio:g}"  # read when pytest imports this file
+    size = parser.parse_args(ours).size
+    try:
+        parse_frame_size(size)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --size: {e}")
+    os.environ["BIMATTING_BENCH_SIZE"] = size  # as given (a reformatted ratio could round); read on import
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device; the Triton kernels and cuDNN fp16 need one, nothing to measure.")
     rc = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",

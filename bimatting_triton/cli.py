@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "overhead of one frame per call; bimatting_triton.CudaGraphStep)")
     model.add_argument("--device", default=None,
                        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    model.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)")
+    model.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="compute dtype (default: float32; a packed checkpoint's own)")
 
     run = p.add_argument_group("processing")
     run.add_argument("--downsample-ratio", type=_ratio, default=None, metavar="R",
@@ -189,6 +190,8 @@ def load_model(checkpoint: str | None, refiner: str | None, device, dtype, fused
     fused model: it is run as it is, ``fused`` or not, with its own refiner (``refiner``,
     if given, must be that one). ``refiner`` None: ``deep_guided_filter`` otherwise.
     """
+    import torch
+
     import bimatting_triton
     from bimatting_triton import BiMatting
 
@@ -212,7 +215,7 @@ def load_model(checkpoint: str | None, refiner: str | None, device, dtype, fused
                                               map_location="cpu")
         except CheckpointError as e:
             raise CheckpointError(f"--checkpoint: {e}") from e
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
     if fused:
         converted = convert(model)
         model = converted if converted is not None else model
@@ -229,7 +232,15 @@ def _load_packed(checkpoint: str, refiner: str | None, device, dtype):
                           f"{model.refiner_name} refiner; leave --refiner out")
     print(f"bimatting: --checkpoint {checkpoint!r} is a packed inference checkpoint: running its fused "
           "model", file=sys.stderr)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()  # dtype None: the file's own
+
+
+def _model_dtype(model):
+    """The float dtype a (BiMatting, plain or fused) model computes in: its heads' weights'."""
+    import torch
+
+    head = getattr(getattr(model, "project_mat", None), "conv", None)
+    return head.weight.dtype if isinstance(getattr(head, "weight", None), torch.Tensor) else torch.float32
 
 
 class _UsageError(Exception):
@@ -299,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             raise _UsageError(f"--cuda-graph needs a CUDA device, {got}")
         if args.checkpoint is None:
             print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-        model = load_model(args.checkpoint, args.refiner, torch_device, getattr(torch, args.dtype),
-                           args.fused)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = load_model(args.checkpoint, args.refiner, torch_device, dtype, args.fused)
+        dtype = dtype or _model_dtype(model)  # what the frames are cast to
         if args.cuda_graph:
             from .cuda_graph import CudaGraphStep
 
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             output_composition=args.composition, output_alpha=args.alpha,
             output_foreground=args.foreground, output_video_mbps=args.mbps,
             seq_chunk=args.seq_chunk, num_workers=args.threads, progress=not args.no_progress,
-            device=torch_device, dtype=getattr(torch, args.dtype), background=background,
+            device=torch_device, dtype=dtype, background=background,
             audio=not args.no_audio, frame_rate=args.frame_rate)
     except KeyboardInterrupt:
         print("bimatting: interrupted; no output was written", file=sys.stderr)

@@ -69,14 +69,9 @@ def capture(forward: Callable[[], Sequence[Tensor]], example: Tensor, pool=None)
     return graph, outputs
 
 
-#: The device types ``capture`` records on. A stand-in ``capture`` (the CPU tests' fake
-#: graphs) without this attribute is trusted with any device.
-capture.device_types = ("cuda",)
-
-
-def _check_device(src: Tensor, types: Sequence[str] | None = capture.device_types) -> None:
-    """``ValueError`` naming ``src``'s device unless its type is one of ``types`` (None: any)."""
-    if types is not None and src.device.type not in types:
+def _check_device(src: Tensor) -> None:
+    """``ValueError`` naming ``src``'s device unless it is a CUDA one (the only graphs ``capture`` records)."""
+    if src.device.type != "cuda":
         raise ValueError(f"src must be a CUDA tensor to be captured in a CUDA graph, got one on {src.device} "
                          "(CudaGraphStep needs a model and inputs on CUDA; call the model itself elsewhere)")
 
@@ -129,7 +124,7 @@ class CudaGraphStep(nn.Module):
             kwargs["segmentation_pass"] = True
         if not isinstance(src, Tensor):
             raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
-        _check_device(src, getattr(capture, "device_types", None))  # capture: looked up now, as _capture does
+        _check_device(src)
         if not rec or any(r is None for r in rec):
             return self.model(src, *rec, **kwargs)  # a stream's first call: shapes of the states unknown
         key = (_signature(src), tuple(_signature(r) for r in rec), float(downsample_ratio), bool(segmentation_pass))

@@ -25,9 +25,10 @@ A candidate (a conv with ``channel_threshold``; a sign-named module whose forwar
 ``sign``) that fails the behaviour probe is left as it is, listed with the reason in
 ``SwapReport.skipped`` and reported by a ``UserWarning``: swapping it would silently
 change the outputs or the training gradients. Probes use random tensors of their own
-(substituted for the parameters with ``torch.func.functional_call``), on the module's
-device, without gradients reaching any parameter's ``.grad`` and restoring the
-modules' train/eval mode.
+(substituted for the parameters, as ``torch.func.functional_call`` does), on the module's
+device (the CPU for a module on the meta device), calling ``forward`` itself (the module's
+hooks do not see the probe), outside any ``inference_mode``, without gradients reaching any
+parameter's ``.grad`` and restoring the modules' train/eval mode.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .nn import BiConv2d, BinaryActivation, LearnableBias, binarize_weight
 
@@ -152,10 +153,12 @@ def _conv_behaviour_problem(module: nn.Conv2d, check_gradients: bool) -> str | N
 
     The probe substitutes random parameters of its own (weights up to ~+-3, so that the
     clamp window matters; a nonzero ``channel_threshold``, so that a forward using it is
-    seen) via ``functional_call``: the module's parameters and their ``.grad`` stay
+    seen) via :func:`_forward_with`: the module's parameters and their ``.grad`` stay
     untouched. float32 (float64 for float64 modules), on the module's device.
     """
     device = module.weight.device
+    if device.type == "meta":  # built on meta to be loaded later: probe its code on the CPU
+        device = torch.device("cpu")
     dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
     gen = torch.Generator().manual_seed(0)
 
@@ -174,7 +177,7 @@ def _conv_behaviour_problem(module: nn.Conv2d, check_gradients: bool) -> str | N
         with _no_autocast(device):
             for training in (False, True):
                 with _mode(module, training), torch.no_grad():
-                    got = functional_call(module, params, (x,))
+                    got = _forward_with(module, params, x)
                 if not isinstance(got, Tensor):
                     return f"forward returns {type(got).__name__}, not a tensor"
                 problem = _mismatch(f"forward ({'train' if training else 'eval'})", got, reference(x, params))
@@ -186,7 +189,7 @@ def _conv_behaviour_problem(module: nn.Conv2d, check_gradients: bool) -> str | N
             xg = x.detach().requires_grad_()
             inputs = [xg, *leaves.values()]
             with _mode(module, True), torch.enable_grad():
-                out = functional_call(module, leaves, (xg,))
+                out = _forward_with(module, leaves, xg)
                 upstream = torch.randn(out.shape, generator=gen, dtype=dtype).to(device)
                 got = (torch.autograd.grad(out, inputs, upstream, allow_unused=True)
                        if out.requires_grad else [None] * len(inputs))
@@ -200,10 +203,17 @@ def _conv_behaviour_problem(module: nn.Conv2d, check_gradients: bool) -> str | N
     return None
 
 
+def _forward_with(module: nn.Module, params: dict[str, Tensor], x: Tensor):
+    """``module.forward(x)`` with ``params`` in place of its parameters (restored after).
+    ``forward``, not ``__call__``: the module's hooks (profilers, collectors) do not see the probe."""
+    with _reparametrize_module(module, params):
+        return module.forward(x)
+
+
 def _probe_output(module: nn.Module, x: Tensor) -> Tensor | None:
     try:
         with torch.no_grad():
-            out = module(x)
+            out = module.forward(x)
     except Exception:  # not an elementwise module: not ours to swap
         return None
     return out if isinstance(out, Tensor) and out.shape == x.shape else None
@@ -229,7 +239,7 @@ def _sign_problem(module: nn.Module, check_gradients: bool) -> str | None:
     expected = upstream * (x.detach().abs() <= 1)
     try:
         with torch.enable_grad():
-            out = module(x)
+            out = module.forward(x)
             grad = torch.autograd.grad(out, x, upstream, allow_unused=True)[0] if out.requires_grad else None
     except Exception as exc:
         return f"gradient probe failed: {type(exc).__name__}: {exc}"
@@ -252,9 +262,18 @@ def _is_foreign_learnable_bias(module: nn.Module) -> bool:
     bias = params["bias"]
     if bias.ndim != 4 or bias.shape[0] != 1 or bias.shape[2:] != (1, 1):
         return False
-    x = torch.linspace(-1, 1, bias.shape[1], dtype=bias.dtype, device=bias.device).view(1, -1, 1, 1)
-    out = _probe_output(module, x)
-    return out is not None and torch.equal(out, x + bias.detach())
+    # A random stand-in bias (a fresh model's is all zeros: an identity would pass), on the CPU
+    # for a module on the meta device.
+    device = torch.device("cpu") if bias.is_meta else bias.device
+    gen = torch.Generator().manual_seed(0)
+    probe_bias = torch.randn(bias.shape, generator=gen).to(device=device, dtype=bias.dtype)
+    x = torch.linspace(-1, 1, bias.shape[1], dtype=bias.dtype, device=device).view(1, -1, 1, 1)
+    try:
+        with torch.no_grad():
+            out = _forward_with(module, {"bias": probe_bias}, x)
+    except Exception:  # not an elementwise module: not ours to swap
+        return False
+    return isinstance(out, Tensor) and out.shape == x.shape and torch.equal(out, x + probe_bias)
 
 
 def _our_biconv_like(conv: nn.Conv2d) -> BiConv2d:
@@ -331,7 +350,8 @@ def swap_modules(
     for name, module in list(model.named_modules()):
         if not name or (filter_fn is not None and not filter_fn(module, name)):
             continue
-        new = _replacement(module, check_gradients)
+        with torch.inference_mode(False):  # the probes need autograd (enable_grad alone cannot lift it)
+            new = _replacement(module, check_gradients)
         if new is None:
             continue
         if isinstance(new, str):

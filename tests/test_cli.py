@@ -274,10 +274,13 @@ def test_cuda_graph_flag(monkeypatch, capsys):
     assert isinstance(step, bimatting_triton.CudaGraphStep) and isinstance(step.model, FakeMatting)
 
 
-def test_packed_checkpoint(clip, tmp_path, capsys):
+def test_packed_checkpoint(clip, tmp_path, capsys, monkeypatch):
     """A packed inference checkpoint runs its fused model, with or without --fused; a
     --refiner other than its own is refused."""
+    from bimatting_triton.kernels import _common
     from bimatting_triton.packed import load_packed, save_packed
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)  # references, not the slow interpreter
 
     torch.manual_seed(4)
     save_packed(BiMatting().eval(), tmp_path / "m.packed")
@@ -296,6 +299,32 @@ def test_packed_checkpoint(clip, tmp_path, capsys):
     assert cli.main([*run, "--alpha", str(tmp_path / "x"), "--refiner", "fast_guided_filter"]) == 2
     assert "--refiner fast_guided_filter: the packed --checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_packed_checkpoint_runs_in_its_own_dtype(clip, tmp_path, monkeypatch):
+    """A bfloat16 packed file runs in bfloat16 unless --dtype says otherwise (it ran in float32)."""
+    from bimatting_triton.kernels import _common
+    from bimatting_triton.packed import save_packed
+
+    # The dtype's way through the command is the point here: the kernels' plain-PyTorch
+    # references (as on a CPU without TRITON_INTERPRET), not the interpreter, which is slow.
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+
+    save_packed(BiMatting().eval().bfloat16(), tmp_path / "m.packed")
+    seen = []
+    import bimatting_triton.video as video
+
+    original = video.convert_video
+
+    def spy(model, *args, dtype=None, **kwargs):
+        seen.append((model.project_mat.conv.weight.dtype, dtype))
+        return original(model, *args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(video, "convert_video", spy)
+    run = [clip, "--checkpoint", str(tmp_path / "m.packed"), "--device", "cpu", "--no-progress"]
+    assert cli.main([*run, "--alpha", str(tmp_path / "a")]) == 0
+    assert cli.main([*run, "--alpha", str(tmp_path / "b"), "--dtype", "float32"]) == 0
+    assert seen == [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]
 
 
 def test_downsample_ratio_too_small_hint(clip, tmp_path, capsys):

@@ -167,6 +167,23 @@ def test_numpy_and_fraction_ratios_are_numbers(model):
                 assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("height, ratio", [(90, "7/10"), (100, "float32 0.29")])
+def test_states_round_trip_at_ratios_whose_own_product_rounds_otherwise(height, ratio):
+    """90 * Fraction(7, 10) is exactly 63 but 90 * 0.7 is 62.99...; float32(0.29) * 100 rounds up:
+    the sizes follow the float the model resizes with, so its own states are accepted back."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    r = Fraction(7, 10) if ratio == "7/10" else np.float32(0.29)
+    model = BiMatting().eval()
+    src = torch.rand(1, 3, height, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, _, *rec = model(src, downsample_ratio=r)
+        fgr, *_ = model(src, *rec, downsample_ratio=r)
+    assert fgr.shape == src.shape
+
+
 def test_streaming_under_autocast_feeds_the_states_back():
     """RVM's loop under autocast: the states come back in the autocast dtype, src stays float32."""
     model = BiMatting().eval()

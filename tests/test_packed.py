@@ -322,6 +322,13 @@ def test_file_permissions(model, tmp_path):
     os.chmod(path, 0o600)
     save_packed(model, path)
     assert os.stat(path).st_mode & 0o777 == 0o600
+    os.chmod(path, 0o666)  # kept exactly, past the umask that a new file would get
+    old = os.umask(0o022)
+    try:
+        save_packed(model, path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666
     assert os.listdir(tmp_path) == ["m.packed"]
 
 

@@ -344,3 +344,21 @@ def test_swap_still_swaps_genuine_published_style_modules_and_probes_without_sid
         assert (pa.grad is None) == (pb.grad is None), name
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_swap_works_in_inference_mode_on_meta_and_without_firing_hooks():
+    """Three ways a caller's context reached the probes: inside inference_mode (autograd off:
+    every candidate was skipped), a model built on the meta device to be loaded later (the
+    probe failed on .item()), and forward hooks (they saw the random probe data)."""
+    calls = []
+    model = TinyRVMStyle()
+    model.block[2].register_forward_hook(lambda mod, args, out: calls.append(tuple(out.shape)))
+    with torch.inference_mode():
+        report = swap_modules(model, inplace=False)
+    assert report.counts() == {"BiConv2d": 2, "BinaryActivation": 2, "LearnableBias": 3} and not report.skipped
+    assert calls == []
+    with torch.device("meta"):
+        on_meta = TinyRVMStyle()
+    report = swap_modules(on_meta)
+    assert report.counts() == {"BiConv2d": 2, "BinaryActivation": 2, "LearnableBias": 3} and not report.skipped
+    assert on_meta.block[2].weight.is_meta

@@ -157,6 +157,8 @@ def _autocast_on(src: Tensor) -> bool:
         return torch.is_autocast_enabled(src.device.type)
     except RuntimeError:  # a device type autocast does not know (e.g. meta)
         return False
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 # Channels of the recurrent states r1..r4 (the decoder's GRUs at 1/2, 1/4, 1/8, 1/16 of the
@@ -174,6 +176,8 @@ def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> None:
     # numbers.Real takes numpy scalars and Fractions too; a bool is not a ratio.
     if not isinstance(downsample_ratio, numbers.Real) or isinstance(downsample_ratio, bool) or not 0 < downsample_ratio:
         raise ValueError(f"downsample_ratio: expected a number > 0, got {downsample_ratio!r}")
+    downsample_ratio = float(downsample_ratio)  # as forward passes it to F.interpolate (a Fraction's or
+    # float32's own product can round to another size than the float's)
     h, w = src.shape[-2:]
     if int(h * downsample_ratio) < 1 or int(w * downsample_ratio) < 1:
         raise ValueError(

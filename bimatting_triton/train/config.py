@@ -152,7 +152,7 @@ class TrainConfig:
             "synthetic_length", "log_every", "val_clips",
         ):
             _check_int(self, name, minimum=1)
-        for name in ("num_workers", "seg_every", "val_every", "checkpoint_every"):
+        for name in ("num_workers", "seg_every", "val_every", "checkpoint_every", "seed"):
             _check_int(self, name, minimum=0)
         for name in ("max_steps", "val_size", "val_seq_length", "threads"):
             if getattr(self, name) is not None:
@@ -205,8 +205,9 @@ class TrainConfig:
         return cls(**values, require_data=require_data)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again; a config shown without its data
+        folders, ``require_data=False``, stays allowed to lack them)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes}, require_data=not self.missing_data())
 
 
 # The recipe's learning rates and clip lengths; stage 2's T follows SPEC §6 ("T≈20-40").

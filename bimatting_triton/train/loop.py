@@ -161,7 +161,7 @@ _RUN_DEFINING = (
     "dataset", "videomatte_dir", "imagematte_dir", "background_image_dir", "background_video_dir",
     "seg_image_dir", "seg_mask_dir", "size", "seq_length", "batch_size", "train_hr", "size_hr",
     "seq_length_hr", "batch_size_hr", "downsample_ratio_hr", "synthetic_length", "augment", "refiner",
-    "lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "lr_schedule", "grad_clip", "amp", "seg_every",
+    "lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "lr_schedule", "grad_clip", "seg_every",
     "coarse_weight", "seed",
 )
 

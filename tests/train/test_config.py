@@ -49,6 +49,7 @@ def test_config_errors_name_the_field(tmp_path):
         ("coarse_weight", -1.0), ("coarse_weight", float("nan")),
         ("grad_clip", float("nan")), ("grad_clip", float("inf")), ("grad_clip", 0.0),
         ("downsample_ratio_hr", float("nan")), ("refiner", "nope"), ("batch_size", True), ("size", 64.0),
+        ("seed", "3"), ("seed", 1.5), ("seed", -1),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(field, value):
@@ -148,3 +149,14 @@ def test_command_line_keeps_tracebacks_of_unexpected_errors(tmp_path, monkeypatc
     monkeypatch.setattr(loop.Trainer, "fit", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         _cli(tmp_path)
+
+
+def test_replace_keeps_a_shown_config_shown():
+    """A stage shown before its data folders are given (require_data=False) can be changed and
+    shown again; a complete config stays complete (removing its data is an error)."""
+    shown = get_config("stage1", require_data=False).replace(size=256)
+    assert shown.size == 256 and shown.missing_data()
+    full = get_config("stage1", videomatte_dir="vm", background_image_dir="bg")
+    assert full.replace(size=256).size == 256
+    with pytest.raises(ValueError, match="videomatte_dir"):
+        full.replace(videomatte_dir=None)

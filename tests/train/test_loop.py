@@ -162,8 +162,8 @@ def test_checkpoint_loads_into_fused_model(runs, backend):
 
 def test_training_steps_fit_a_fixed_batch(tmp_path):
     """The STE training actually learns: on one fixed batch the loss falls well below its start
-    (3.6 -> ~0.8 over 20 steps at this seed; the bound leaves room for other BLAS rounding)."""
-    torch.manual_seed(0)
+    (3.6 -> ~0.8 over 20 steps at this seed, 0.23-0.35 of the start over seeds 0-7; the bound
+    leaves room for other BLAS rounding). The Trainer seeds everything from cfg.seed."""
     cfg = get_config("tiny", out_dir=str(tmp_path), lr_backbone=2e-3, lr_aspp=2e-3, lr_decoder=2e-3,
                      lr_refiner=0.0, seg_every=0, **QUIET)
     trainer = Trainer(cfg, log=lambda m: None)
