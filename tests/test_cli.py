@@ -89,7 +89,9 @@ def test_defaults_and_inferred_output_type(recorded):
     assert c["frame_rate"] == Fraction(30000, 1001)
     assert c["downsample_ratio"] is None and c["seq_chunk"] == 1 and c["progress"]
     assert recorded["load"]["device"].type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert recorded["load"]["dtype"] == torch.float32 and recorded["load"]["checkpoint"] is None
+    # no --dtype: the model's own (float32 for a plain one; a packed checkpoint's), and the frames follow it
+    assert recorded["load"]["dtype"] is None and recorded["load"]["checkpoint"] is None
+    assert c["dtype"] == torch.float32
     assert cli.main(["photo.jpg", "-o", "cut.png"]) == 0
     assert recorded["convert"]["output_type"] == "png_sequence"
     assert cli.main(["in.mp4", "-o", "out.mp4", "--output-type", "video"]) == 0
