@@ -76,15 +76,15 @@ for step in "${steps[@]}"; do
       # float-simulated vs RVM fp16 at HD and 4K, T = 1 and 8 (throughput.py runs variant by variant)
       run 150 throughput.txt "$py" bench/throughput.py --sizes 1920x1080@0.25,3840x2160@0.125 \
         --variants bimatting-fused,bimatting-plain,rvm-fp16
-      grep -v "^  " "$out/throughput.txt" | tail -30 ;;
+      grep -v " ms/frame$" "$out/throughput.txt" | tail -30 ;;
     throughput_all)  # the default run: every variant and size; progress lines ("  variant
       # setting: ms/frame") reach the log as each measurement ends, even on a timeout
       run 240 throughput_all.txt "$py" bench/throughput.py
-      grep -v "^  " "$out/throughput_all.txt" | tail -45 ;;
+      grep -v " ms/frame$" "$out/throughput_all.txt" | tail -45 ;;
     graphs)  # T=1 streaming is launch-bound: CUDA-graph replays (CudaGraphStep), fused vs RVM fp16
       run 100 throughput_graphs.txt "$py" bench/throughput.py --cuda-graph --frames 1,8 \
         --variants bimatting-fused,bimatting-fused-fp16,rvm-fp16 --sizes 512x288@1,1920x1080@0.25
-      grep -v "^  " "$out/throughput_graphs.txt" | tail -12 ;;
+      grep -v " ms/frame$" "$out/throughput_graphs.txt" | tail -30 ;;
     profile)
       run 70 profile.txt "$py" bench/throughput.py --sizes 512x288@1 --frames 1 --variants bimatting-fused --profile
       grep -B2 -A40 "^\[bimatting-fused\] stage" "$out/profile.txt" | cut -c1-160 | head -45 ;;
