@@ -313,22 +313,20 @@ def test_error_types_and_bad_arguments(model, tmp_path):
 def test_file_permissions(model, tmp_path):
     """A new file gets 0o666 less the umask (not a fixed 0o644); a replaced file keeps its mode."""
     path = tmp_path / "m.packed"
-    old = os.umask(0o027)
-    try:
-        save_packed(model, path)
-    finally:
-        os.umask(old)
-    assert os.stat(path).st_mode & 0o777 == 0o640
+
+    def save_with_umask(mask):
+        old = os.umask(mask)
+        try:
+            save_packed(model, path)
+        finally:
+            os.umask(old)
+        return os.stat(path).st_mode & 0o777
+
+    assert save_with_umask(0o027) == 0o640
     os.chmod(path, 0o600)
-    save_packed(model, path)
-    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert save_with_umask(0o022) == 0o600
     os.chmod(path, 0o666)  # kept exactly, past the umask that a new file would get
-    old = os.umask(0o022)
-    try:
-        save_packed(model, path)
-    finally:
-        os.umask(old)
-    assert os.stat(path).st_mode & 0o777 == 0o666
+    assert save_with_umask(0o022) == 0o666
     assert os.listdir(tmp_path) == ["m.packed"]
 
 
