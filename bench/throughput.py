@@ -111,7 +111,14 @@ def parse_ints(text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- variants
-def build_variant(name: str, device: torch.device, compile_float: bool) -> tuple[Callable | None, str, list[str]]:
+def bimatting(checkpoint: str | None) -> BiMatting:
+    """The BiMatting the variants run: random weights, or ``checkpoint``'s (its decoder's
+    mask, and so the sparse units' work, then comes from trained weights)."""
+    return (BiMatting() if checkpoint is None else BiMatting.from_pretrained(checkpoint, map_location="cpu")).eval()
+
+
+def build_variant(name: str, device: torch.device, compile_float: bool,
+                  checkpoint: str | None = None) -> tuple[Callable | None, str, list[str]]:
     """(model or None, dtype name or the reason it cannot run, notes)."""
     notes: list[str] = []
     if name.startswith("bimatting-fused"):
@@ -130,12 +137,12 @@ def build_variant(name: str, device: torch.device, compile_float: bool) -> tuple
             # where Triton cannot: exact integer convolutions of the unpacked bits)
             backend = "reference"
             notes.append("no CUDA: its plain-PyTorch references")
-        model = convert(BiMatting().eval().to(device, dtype), backend=backend)
+        model = convert(bimatting(checkpoint).to(device, dtype), backend=backend)
         return model, str(dtype).removeprefix("torch."), notes
     if name == "rvm-fp16" and device.type != "cuda":
         return None, "skipped: fp16 convolutions need a CUDA device", notes
     if name == "bimatting-plain":
-        model, dtype = BiMatting().eval(), torch.float32
+        model, dtype = bimatting(checkpoint), torch.float32
     else:
         model, dtype = RVMMobileNetV3().eval(), torch.float16 if name == "rvm-fp16" else torch.float32
     model = model.to(device=device, dtype=dtype)
@@ -355,6 +362,9 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                              "the first call compiles, and its time is reported as '1st call s')")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls (default 5)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="BiMatting weights for the bimatting variants (default: random weights, whose "
+                             "decoder mask, and so the sparse units' work, is whatever they give)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the plain/float variants")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time CUDA-graph replays of one streaming step (CUDA only; a variant that "
@@ -381,6 +391,11 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph: CUDA graphs need a CUDA device")
+    if args.checkpoint is not None:
+        try:
+            bimatting(args.checkpoint)  # a file that does not load is named now, not after other variants ran
+        except (OSError, ValueError) as e:
+            parser.error(f"--checkpoint: {e}")
     frames = args.frames or ([1, 8] if device.type == "cuda" else [1])
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads)")
@@ -394,7 +409,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     results: list[Measurement] = []
     profiles: list[str] = []
     for name in variants:
-        model, dtype_or_reason, notes = build_variant(name, device, args.compile)
+        model, dtype_or_reason, notes = build_variant(name, device, args.compile, args.checkpoint)
         for w, h, r in args.sizes:
             for t in frames:
                 setting = Setting(w, h, r, args.batch, t)
@@ -422,7 +437,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     if args.json:
         import triton
 
-        settings = {"warmup": args.warmup, "repeats": args.repeats, "batch": args.batch, "frames": frames,
+        settings = {"checkpoint": args.checkpoint, "warmup": args.warmup, "repeats": args.repeats,
+                    "batch": args.batch, "frames": frames,
                     "sizes": [f"{w}x{h}@{r:g}" for w, h, r in args.sizes], "compile": args.compile,
                     "cuda_graph": args.cuda_graph, "torch": torch.__version__, "triton": triton.__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -433,6 +449,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                           "ratios": ratio_values(results), "profile": profiles}, indent=1))
     else:
         print_table(results, device_name)
+        print(f"BiMatting weights: {args.checkpoint or 'random (--checkpoint PATH for trained ones)'}")
         for p in profiles:
             print(p)
         if device.type != "cuda":

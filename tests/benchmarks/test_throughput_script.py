@@ -135,3 +135,21 @@ def test_density_note_of_a_converted_model(throughput):
     parts = note.split()
     assert parts[:2] == ["active", "tiles"] and parts[2::2] == ["d3", "d2", "d1", "d0"]
     assert all(0.0 <= float(v) <= 1.0 for v in parts[3::2])
+
+
+def test_checkpoint_weights_are_used_and_a_bad_one_is_named(throughput, golden, tmp_path, capsys):
+    """--checkpoint: the bimatting variants run those weights (the golden ones give a mask that
+    is neither empty nor full); a file that is not a checkpoint is a usage error."""
+    path = tmp_path / "golden.pth"
+    throughput.torch.save({"state_dict": golden["state_dict"]}, path)
+    results = throughput.main(["--sizes", "104x72@1", "--warmup", "0", "--repeats", "1", "--device", "cpu",
+                               "--variants", "bimatting-fused,bimatting-plain", "--checkpoint", str(path)])
+    out = capsys.readouterr().out
+    assert f"BiMatting weights: {path}" in out
+    fused = next(m for m in results if m.variant == "bimatting-fused")
+    tiles = [float(v) for v in next(n for n in fused.notes if n.startswith("active tiles")).split()[3::2]]
+    assert any(0 < t < 1 for t in tiles)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        throughput.main(["--sizes", "48x32@1", "--device", "cpu", "--checkpoint", str(tmp_path / "junk.pth")])
+    assert "--checkpoint" in capsys.readouterr().err
