@@ -76,7 +76,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _ratio(text: str) -> float:
+def _ratio(text: str) -> float | None:
+    if text.strip().lower() == "auto":  # the default, spelled out
+        return None
     value = _positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1], got {text!r}")
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("processing")
     run.add_argument("--downsample-ratio", type=_ratio, default=None, metavar="R",
-                     help="ratio in (0, 1] for the low-resolution pass; default min(512/max(H, W), 1)")
+                     help="ratio in (0, 1] for the low-resolution pass, or auto (the default: "
+                          "min(512/max(H, W), 1))")
     run.add_argument("--input-resize", type=_positive_int, nargs=2, metavar=("W", "H"),
                      help="resize input frames to W x H first")
     run.add_argument("--seq-chunk", type=_positive_int, default=1, metavar="N",

@@ -88,6 +88,8 @@ def test_defaults_and_inferred_output_type(recorded):
     assert c["output_type"] == "png_sequence" and c["background"] == "bg.jpg"
     assert c["frame_rate"] == Fraction(30000, 1001)
     assert c["downsample_ratio"] is None and c["seq_chunk"] == 1 and c["progress"]
+    assert cli.main(["frames", "--alpha", "matte/", "--downsample-ratio", "auto"]) == 0
+    assert recorded["convert"]["downsample_ratio"] is None
     assert recorded["load"]["device"].type == ("cuda" if torch.cuda.is_available() else "cpu")
     # no --dtype: the model's own (float32 for a plain one; a packed checkpoint's), and the frames follow it
     assert recorded["load"]["dtype"] is None and recorded["load"]["checkpoint"] is None
