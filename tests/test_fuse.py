@@ -75,6 +75,19 @@ def test_single_frame_batch_matches_plain_model(model, fused):
         assert_close(a, b, name)
 
 
+def test_batch_and_time_stream_matches_plain_model(model, fused):
+    """B = 2 and T = 2 at once through the kernels (B x T folded into N, the GRUs stepping over T,
+    the sparse units), at a ratio that runs the refiner, then a second call carrying the states."""
+    src = torch.rand(2, 4, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad():
+        want = model(src[:, :2], downsample_ratio=0.5)
+        want_next = model(src[:, 2:], *want[2:], downsample_ratio=0.5)
+    got = fused(src[:, :2], downsample_ratio=0.5)
+    got_next = fused(src[:, 2:], *got[2:], downsample_ratio=0.5)
+    for (name, a, b) in zip(["fgr", "pha", "r1", "r2", "r3", "r4"] * 2, [*got, *got_next], [*want, *want_next]):
+        assert_close(a, b, name)
+
+
 def test_convert_structure(model, fused):
     assert fused is not model and not fused.training
     assert isinstance(fused.backbone, FusedBackbone)
