@@ -276,12 +276,17 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
     """``x`` (one tensor, or a list/tuple of up to 3 read as ``torch.cat(x, dim=channels)``,
     the last of which may be a :class:`Product`) checked and seen as NCHW views (no copy).
     Returns (sources, gate): for a product last source, ``a`` is its source and ``b`` the gate."""
+    views, gate = _source_views(x, layout)
+    if sum(v.shape[1] for v in views) == 0:
+        raise ValueError("x must have at least one channel")
+    return views, gate
+
+
+def _source_views(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
+    """:func:`_sources` before the check of the channel count they add up to."""
     if isinstance(x, Tensor):
         _check_activation(x, "x", layout)
-        x = _as_nchw(x, layout)
-        if x.shape[1] == 0:
-            raise ValueError("x must have at least one channel")
-        return [x], None
+        return [_as_nchw(x, layout)], None
     if isinstance(x, Product):
         x = [x]
     if not isinstance(x, (list, tuple)) or not 1 <= len(x) <= MAX_SOURCES:
@@ -310,8 +315,6 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
             raise ValueError(f"x[{i}] has (N, H, W) = {(v.shape[0], *v.shape[2:])}, expected "
                              f"{(views[0].shape[0], *views[0].shape[2:])} like x[0] (channels may differ)")
         views.append(v)
-    if sum(v.shape[1] for v in views) == 0:
-        raise ValueError("x must have at least one channel")
     return views, gate
 
 
