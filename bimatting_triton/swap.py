@@ -156,9 +156,7 @@ def _conv_behaviour_problem(module: nn.Conv2d, check_gradients: bool) -> str | N
     seen) via :func:`_forward_with`: the module's parameters and their ``.grad`` stay
     untouched. float32 (float64 for float64 modules), on the module's device.
     """
-    device = module.weight.device
-    if device.type == "meta":  # built on meta to be loaded later: probe its code on the CPU
-        device = torch.device("cpu")
+    device = _probe_device(module.weight)
     dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
     gen = torch.Generator().manual_seed(0)
 
@@ -201,6 +199,12 @@ def _conv_behaviour_problem(module: nn.Conv2d, check_gradients: bool) -> str | N
         if problem:
             return problem + " (check_gradients=False swaps it anyway)"
     return None
+
+
+def _probe_device(param: Tensor) -> torch.device:
+    """Where to probe a module holding ``param``: its device, or the CPU for one built on the
+    meta device (to be loaded later), whose code is probed with tensors of our own."""
+    return torch.device("cpu") if param.is_meta else param.device
 
 
 def _forward_with(module: nn.Module, params: dict[str, Tensor], x: Tensor):
@@ -262,9 +266,8 @@ def _is_foreign_learnable_bias(module: nn.Module) -> bool:
     bias = params["bias"]
     if bias.ndim != 4 or bias.shape[0] != 1 or bias.shape[2:] != (1, 1):
         return False
-    # A random stand-in bias (a fresh model's is all zeros: an identity would pass), on the CPU
-    # for a module on the meta device.
-    device = torch.device("cpu") if bias.is_meta else bias.device
+    # A random stand-in bias (a fresh model's is all zeros: an identity would pass).
+    device = _probe_device(bias)
     gen = torch.Generator().manual_seed(0)
     probe_bias = torch.randn(bias.shape, generator=gen).to(device=device, dtype=bias.dtype)
     x = torch.linspace(-1, 1, bias.shape[1], dtype=bias.dtype, device=device).view(1, -1, 1, 1)
