@@ -111,14 +111,18 @@ def parse_ints(text: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- variants
-def bimatting(checkpoint: str | None) -> BiMatting:
-    """The BiMatting the variants run: random weights, or ``checkpoint``'s (its decoder's
-    mask, and so the sparse units' work, then comes from trained weights)."""
-    return (BiMatting() if checkpoint is None else BiMatting.from_pretrained(checkpoint, map_location="cpu")).eval()
+def bimatting(weights: dict | None) -> BiMatting:
+    """The BiMatting the variants run: random weights, or ``weights`` (a state_dict read once
+    from ``--checkpoint``: the decoder's mask, and so the sparse units' work, then comes from
+    trained weights)."""
+    model = BiMatting()
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.eval()
 
 
 def build_variant(name: str, device: torch.device, compile_float: bool,
-                  checkpoint: str | None = None) -> tuple[Callable | None, str, list[str]]:
+                  weights: dict | None = None) -> tuple[Callable | None, str, list[str]]:
     """(model or None, dtype name or the reason it cannot run, notes)."""
     notes: list[str] = []
     if name.startswith("bimatting-fused"):
@@ -137,12 +141,12 @@ def build_variant(name: str, device: torch.device, compile_float: bool,
             # where Triton cannot: exact integer convolutions of the unpacked bits)
             backend = "reference"
             notes.append("no CUDA: its plain-PyTorch references")
-        model = convert(bimatting(checkpoint).to(device, dtype), backend=backend)
+        model = convert(bimatting(weights).to(device, dtype), backend=backend)
         return model, str(dtype).removeprefix("torch."), notes
     if name == "rvm-fp16" and device.type != "cuda":
         return None, "skipped: fp16 convolutions need a CUDA device", notes
     if name == "bimatting-plain":
-        model, dtype = bimatting(checkpoint), torch.float32
+        model, dtype = bimatting(weights), torch.float32
     else:
         model, dtype = RVMMobileNetV3().eval(), torch.float16 if name == "rvm-fp16" else torch.float32
     model = model.to(device=device, dtype=dtype)
@@ -391,9 +395,10 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph: CUDA graphs need a CUDA device")
+    weights = None
     if args.checkpoint is not None:
-        try:
-            bimatting(args.checkpoint)  # a file that does not load is named now, not after other variants ran
+        try:  # read once, and now: a file that does not load is named before any variant runs
+            weights = BiMatting.from_pretrained(args.checkpoint, map_location="cpu").state_dict()
         except (OSError, ValueError) as e:
             parser.error(f"--checkpoint: {e}")
     frames = args.frames or ([1, 8] if device.type == "cuda" else [1])
@@ -409,7 +414,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     results: list[Measurement] = []
     profiles: list[str] = []
     for name in variants:
-        model, dtype_or_reason, notes = build_variant(name, device, args.compile, args.checkpoint)
+        model, dtype_or_reason, notes = build_variant(name, device, args.compile, weights)
         for w, h, r in args.sizes:
             for t in frames:
                 setting = Setting(w, h, r, args.batch, t)
