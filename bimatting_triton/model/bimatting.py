@@ -107,8 +107,8 @@ class BiMatting(nn.Module):
         segmentation_pass: bool = False,
         return_coarse: bool = False,
     ) -> list[Tensor]:
-        _check_inputs(src, (r1, r2, r3, r4), downsample_ratio)
-        downsample_ratio = float(downsample_ratio)  # a numpy scalar or Fraction, as F.interpolate wants
+        # (a numpy scalar or Fraction comes back as the float F.interpolate wants)
+        downsample_ratio = _check_inputs(src, (r1, r2, r3, r4), downsample_ratio)
         single_frame = src.ndim == 4
         if single_frame:
             src = src.unsqueeze(1)
@@ -166,11 +166,14 @@ def _autocast_on(src: Tensor) -> bool:
 STATE_CHANNELS = (16, 20, 40, 64)
 
 
-def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> None:
+def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> float:
+    """Check the forward's inputs (errors name the argument); returns ``downsample_ratio`` as a float."""
     if not isinstance(src, Tensor):
         raise TypeError(f"src: expected a torch.Tensor, got {type(src).__name__}")
     if src.ndim not in (4, 5) or src.shape[-3] != 3 or 0 in src.shape:
-        raise ValueError(f"src: expected shape (B, T, 3, H, W) or (B, 3, H, W) with no empty dimension, got {tuple(src.shape)}")
+        raise ValueError(
+            f"src: expected shape (B, T, 3, H, W) or (B, 3, H, W) with no empty dimension, got {tuple(src.shape)}"
+        )
     if not src.is_floating_point():
         raise TypeError(f"src: expected a floating point tensor with values in [0, 1], got dtype {src.dtype}")
     # numbers.Real takes numpy scalars and Fractions too; a bool is not a ratio.
@@ -201,3 +204,4 @@ def _check_inputs(src: Tensor, rec: tuple, downsample_ratio: float) -> None:
             )
         if r.device != src.device or (r.dtype != src.dtype and not (r.is_floating_point() and _autocast_on(src))):
             raise ValueError(f"{name}: on {r.device}/{r.dtype}, but src is on {src.device}/{src.dtype}")
+    return downsample_ratio
