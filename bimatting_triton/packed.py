@@ -469,4 +469,3 @@ def load_packed(
     if device is not None:
         fused.to(device)
     return fused.eval()
-

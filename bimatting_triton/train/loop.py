@@ -307,8 +307,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, log=print):
-        if cfg.missing_data():  # a config built with require_data=False (to show it) cannot train
-            raise ValueError(cfg.missing_data()[0])
+        missing = cfg.missing_data()  # a config built with require_data=False (to show it) cannot train
+        if missing:
+            raise ValueError(missing[0])
         self.cfg = cfg
         self.info = distributed.setup(cfg.device)
         self.device = self.info.device
