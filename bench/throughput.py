@@ -43,6 +43,7 @@ from cli_args import parse_frame_size  # bench/cli_args.py
 
 from bimatting_triton import BiMatting, CudaGraphStep
 from bimatting_triton.baselines import RVMMobileNetV3
+from bimatting_triton.devices import usable_device
 
 DEFAULT_SIZES = "512x288@1,1920x1080@0.25,3840x2160@0.125"
 VARIANT_NAMES = ("bimatting-fused", "bimatting-fused-fp16", "bimatting-plain", "rvm-fp32", "rvm-fp16")
@@ -385,14 +386,12 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANT_NAMES)}")
     if not variants:
         parser.error(f"--variants: none given; choose from {', '.join(VARIANT_NAMES)}")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        parser.error(f"--device {args.device!r}: not a torch device ({e})")
+    try:  # the library's one device check (CUDA present, index in range, not meta ...)
+        device = usable_device(args.device, "--device")
+    except ValueError as e:
+        parser.error(str(e))
     if device.type not in ("cuda", "cpu"):
         parser.error(f"--device {args.device!r}: expected cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph: CUDA graphs need a CUDA device")
     weights = None

@@ -72,7 +72,8 @@ def test_profile_breaks_time_down_by_stage(throughput, capsys):
     (["--batch", "0"], "--batch"),
     (["--warmup", "-3"], "--warmup"),
     (["--device", "tpu"], "--device"),
-    (["--device", "meta"], "--device 'meta': expected cpu or cuda"),
+    (["--device", "meta"], "--device 'meta': the meta device holds no data"),
+    (["--device", "cuda:7"], "--device 'cuda:7'"),
 ])
 def test_bad_arguments(throughput, capsys, argv, message):
     with pytest.raises(SystemExit):
