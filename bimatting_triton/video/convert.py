@@ -10,6 +10,7 @@ arguments before starting, and never leaves a half-written output behind.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Sequence
@@ -41,9 +42,12 @@ def auto_downsample_ratio(height: int, width: int) -> float:
 def _check_number(name: str, value, low: float, high: float | None = None, integer=False,
                   low_inclusive=True) -> None:
     kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    # numbers.Integral / Real: Python's and numpy's numbers alike
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
     if isinstance(value, bool) or not ok_type:
         raise TypeError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = value < low if low_inclusive else value <= low
     if too_low or (high is not None and value > high):
         bounds = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
@@ -56,9 +60,19 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies inside ``folder`` (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
 def _check_output_path(name: str, path: str, input_source: str, folder_output: bool) -> None:
     if _same_file(path, input_source):
         raise ValueError(f"{name} {path!r} is the input file itself; choose another path")
+    if folder_output and os.path.islink(path):
+        raise FileExistsError(
+            f"{name} {path!r} is a symbolic link; a PNG sequence is written into a new (or empty) "
+            f"folder: give that folder's own path")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.exists(parent):
         raise FileNotFoundError(f"{name} {path!r}: the folder {parent!r} does not exist")
@@ -205,25 +219,43 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
     # ---- arguments, all before touching any file
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    outputs = {name: os.fspath(path) for name, path in (
-        ("output_composition", output_composition), ("output_alpha", output_alpha),
-        ("output_foreground", output_foreground)) if path is not None}
+    outputs = {}
+    for name, path in (("output_composition", output_composition), ("output_alpha", output_alpha),
+                       ("output_foreground", output_foreground)):
+        if path is not None:
+            if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+                raise TypeError(f"{name} must be a path (str or os.PathLike), got {path!r}")
+            outputs[name] = os.fspath(path)
     if not outputs:
         raise ValueError("give at least one of output_composition, output_alpha, output_foreground")
     if downsample_ratio is not None:
         _check_number("downsample_ratio", downsample_ratio, 0, 1, low_inclusive=False)
+        downsample_ratio = float(downsample_ratio)
     _check_number("seq_chunk", seq_chunk, 1, integer=True)
     _check_number("num_workers", num_workers, 0, integer=True)
+    seq_chunk, num_workers = int(seq_chunk), int(num_workers)
     if output_video_mbps is not None:
         _check_number("output_video_mbps", output_video_mbps, 0, low_inclusive=False)
+        output_video_mbps = float(output_video_mbps)
     if frame_rate is not None:
         frame_rate = as_frame_rate(frame_rate, "frame_rate")
     if input_resize is not None:
+        if not isinstance(input_resize, Sequence) or isinstance(input_resize, (str, bytes)):
+            raise TypeError(f"input_resize must be (width, height), got {input_resize!r}")
         if len(input_resize) != 2:
             raise ValueError(f"input_resize must be (width, height), got {input_resize!r}")
         for v in input_resize:
             _check_number("input_resize", v, 1, integer=True)
         input_resize = (int(input_resize[0]), int(input_resize[1]))
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating point torch.dtype (torch.float32, torch.float16, "
+                        f"torch.bfloat16) or None, got {dtype!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {e}") \
+                from None
     if not isinstance(input_source, (str, os.PathLike)):
         raise TypeError(f"input_source must be a path, got {type(input_source).__name__}")
     input_source = os.fspath(input_source)
@@ -234,6 +266,12 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
     for i, (name, path) in enumerate(outputs.items()):
         if any(_same_file(path, other) for other in paths[:i]):
             raise ValueError(f"{name} {path!r} is also given for another output")
+        for other_name, other in outputs.items():
+            if _inside(path, other):
+                raise ValueError(f"{name} {path!r} is inside {other_name} {other!r}; outputs are "
+                                 f"written apart, none inside another")
+        if isinstance(background, (str, os.PathLike)) and _same_file(path, os.fspath(background)):
+            raise ValueError(f"{name} {path!r} is the background image file; choose another path")
         if output_type == "video":
             fmt = video_format(path, name)
             check_encoder(fmt.codec, fmt.pix_fmt)

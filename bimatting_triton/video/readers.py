@@ -114,7 +114,8 @@ class VideoReader:
       ``None`` when the container does not say); ``estimated_frames`` (``num_frames``,
       or else duration x frame rate, or ``None``: for progress bars); ``has_audio``.
 
-    ``size``: optional ``(width, height)`` to resize every frame to (swscale bilinear).
+    ``size``: optional ``(width, height)`` to resize every frame to (swscale bilinear);
+    without it, frames of a stream that changes size part way are scaled to its first size.
     ``threads``: FFmpeg decoding threads, 0 for FFmpeg's choice.
 
     Iterating yields ``(image, pts)`` with ``image`` (H, W, 3) uint8 RGB. Timestamps
@@ -196,7 +197,10 @@ class VideoReader:
                     # rate video lasts seconds); the average frame period when it has none
                     last_duration = frame.duration or period
                     count += 1
-                    yield _rgb(frame, self.size), pts
+                    size = self.size
+                    if size is None and (frame.width, frame.height) != (self.width, self.height):
+                        size = (self.width, self.height)  # the stream changed size: back to its first, as FFmpeg
+                    yield _rgb(frame, size), pts
             except av.FFmpegError as e:
                 raise ValueError(
                     f"input_source {self.path!r} is corrupt or truncated: decoding failed after "
@@ -248,7 +252,8 @@ class ImageSequenceReader:
             raise FileNotFoundError(f"input_source {path!r} does not exist")
         if os.path.isdir(path):
             names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
-                            and not n.startswith(".")), key=_natural_key)
+                            and not n.startswith(".") and os.path.isfile(os.path.join(path, n))),
+                           key=_natural_key)
             if not names:
                 raise ValueError(f"input_source {path!r} is a folder without image files "
                                  f"({', '.join(IMAGE_EXTENSIONS)}): no frames")

@@ -111,6 +111,12 @@ def _umask() -> int:
     return mask
 
 
+def _temp_prefix(name: str) -> str:
+    """The start of a temporary name for ``name``: hidden, and short enough that the whole
+    name stays within the 255-byte limit of file names however long ``name`` is."""
+    return f".{os.fsdecode(os.fsencode(name)[:100])}."  # bytes: a character may take 4
+
+
 def _temp_path(path: str) -> str:
     """Create an empty hidden file beside ``path`` (same folder, so the final rename is atomic).
 
@@ -118,7 +124,7 @@ def _temp_path(path: str) -> str:
     file would have, since it becomes the output.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=".part", dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return tmp
@@ -257,8 +263,9 @@ class ImageSequenceWriter:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
         self.path = folder
         self.kind = kind
-        parent, name = os.path.split(os.path.abspath(folder))
-        self._tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".part", dir=parent)
+        self._target = os.path.abspath(folder)  # "." cannot be removed or renamed onto; its full path can
+        parent, name = os.path.split(self._target)
+        self._tmp = tempfile.mkdtemp(prefix=_temp_prefix(name), suffix=".part", dir=parent)
         os.chmod(self._tmp, 0o777 & ~_umask())
         self._count = 0
 
@@ -270,9 +277,9 @@ class ImageSequenceWriter:
             self._count += 1
 
     def close(self) -> None:
-        if os.path.isdir(self.path):
-            os.rmdir(self.path)  # empty (checked before the run); fails loudly if not
-        os.replace(self._tmp, self.path)
+        if os.path.isdir(self._target):
+            os.rmdir(self._target)  # empty (checked before the run); fails loudly if not
+        os.replace(self._tmp, self._target)
 
     def discard(self) -> None:
         """Delete the temporary folder and the PNGs in it."""
