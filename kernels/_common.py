@@ -70,6 +70,20 @@ def note_compiled(name: str, tile: dict, compiled) -> None:
     KERNEL_STATS[(name, label)] = {"n_regs": int(regs), "n_spills": int(spills or 0)}
 
 
+# The kernels number the pixels of a launch (n*H*W + h*W + w) in int32, and widen to int64 only
+# for memory offsets: one launch takes fewer than 2**31 pixels, less a margin for the last
+# program's block, which runs past the end before its mask is applied.
+MAX_PIXELS = 2**31 - 2**16
+
+
+def check_pixel_count(n: int, h: int, w: int, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` when an (N, ., H, W) tensor holds more pixels than
+    one launch can number (:data:`MAX_PIXELS`, about 259 frames of 3840x2160)."""
+    if n * h * w > MAX_PIXELS:
+        raise ValueError(f"{name} has N*H*W = {n}*{h}*{w} = {n * h * w} pixels, more than the {MAX_PIXELS} "
+                         "one kernel launch can index (int32): split the batch")
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive ints, on the host (``triton.cdiv`` is a constexpr function
     object in recent Triton releases, ~1.5 µs a call: too slow for launch grids)."""

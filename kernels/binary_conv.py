@@ -52,6 +52,7 @@ from torch import Tensor
 from ._common import (
     autotuning,
     cdiv,
+    check_pixel_count,
     hardware_popcount,
     interpreting,
     note_compiled,
@@ -117,6 +118,7 @@ def _check_conv_args(x, weight) -> tuple[int, int, int, int, int, int]:
     ho, wo = weight.output_size(h, w)
     if ho < 1 or wo < 1:
         raise ValueError(f"x's spatial size {(h, w)} is too small for kernel {weight.kernel_size}")
+    check_pixel_count(n, max(h, ho), max(w, wo), "x")  # (the output is x's size or smaller)
     return n, c, h, w, ho, wo
 
 

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, interpreting, triton_can_run, version_counter
+from ._common import cdiv, check_pixel_count, interpreting, triton_can_run, version_counter
 
 __all__ = [
     "WORD_BITS",
@@ -279,6 +279,8 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
     views, gate = _source_views(x, layout)
     if sum(v.shape[1] for v in views) == 0:
         raise ValueError("x must have at least one channel")
+    n, _, h, w = views[0].shape
+    check_pixel_count(n, h, w, "x")
     return views, gate
 
 

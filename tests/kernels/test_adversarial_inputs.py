@@ -23,6 +23,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from bimatting_triton.kernels._common import MAX_PIXELS, check_pixel_count
 from bimatting_triton.kernels.binary_conv import (
     Epilogue,
     Residual,
@@ -32,7 +33,14 @@ from bimatting_triton.kernels.binary_conv import (
     pack_weight,
 )
 from bimatting_triton.kernels.epilogue import _prepare, epilogue_reference
-from bimatting_triton.kernels.pack import Product, sign_pack, sign_pack_pair, sign_pack_reference, words_for
+from bimatting_triton.kernels.pack import (
+    PackedActivation,
+    Product,
+    sign_pack,
+    sign_pack_pair,
+    sign_pack_reference,
+    words_for,
+)
 from bimatting_triton.kernels.sparse_unit import (
     sparse_binary_conv2d,
     sparse_binary_conv2d_reference,
@@ -701,3 +709,24 @@ def test_sparse_float_conv_variants(case):
         bound = bound + 4 * eps_c
     diff = (out.double() - ref.double()).abs()
     assert (diff[cover] <= bound[cover]).all(), f"max excess {(diff - bound)[cover].max().item()}"
+
+
+# ========================================================================================
+# Launch size: pixels are numbered in int32 (kernels/_common.py: MAX_PIXELS)
+# ========================================================================================
+def test_more_pixels_than_a_launch_can_number_is_refused():
+    # stride-0 views: 2**16 x 256 x 256 = 2**32 pixels without the memory
+    x = torch.zeros(1, 3, 1, 1, device=DEVICE).expand(2**16, 3, 256, 256)
+    with pytest.raises(ValueError, match=r"x has N\*H\*W = 65536\*256\*256 = 4294967296 pixels.*split the batch"):
+        sign_pack(x)
+    with pytest.raises(ValueError, match="split the batch"):
+        sign_pack_pair([x[:, :1], x[:, 1:]], None, None)
+    bits = torch.zeros(1, 1, 1, 2, 1, dtype=torch.int32, device=DEVICE).expand(2**16, 256, 256, 2, 1)
+    big = PackedActivation._allocated(bits, 3)
+    weight = pack_weight(torch.randn(4, 3, 3, 3, device=DEVICE), stride=2, padding=1)
+    with pytest.raises(ValueError, match="split the batch"):
+        binary_conv2d(big, weight)
+    # the bound itself: MAX_PIXELS is taken, one more is not
+    check_pixel_count(1, 1, MAX_PIXELS, "x")
+    with pytest.raises(ValueError, match="split the batch"):
+        check_pixel_count(1, 1, MAX_PIXELS + 1, "x")
