@@ -20,6 +20,7 @@ import torch
 from bimatting_triton.video import (GREEN, VIDEO_FORMATS, auto_downsample_ratio,
                                     convert_video)
 from bimatting_triton.video.pipeline import Interrupts, request_interrupt
+from bimatting_triton.video.readers import read_image
 from bimatting_triton.video.writers import check_encoder
 
 from video_utils import FakeMatting, decode, make_video, read_png
@@ -284,6 +285,79 @@ def test_odd_sizes(tmp_path, ext):
     else:
         assert (info["width"], info["height"]) == (33, 17)
     assert np.abs(matte.astype(float) - to_uint8(pha)[..., 0]).mean() < 4
+
+
+ORIENTATIONS = [(90, False, False), (-90, False, False), (180, False, False), (0, True, False),
+                (0, False, True), (90, True, False), (-90, True, False)]
+
+
+@pytest.mark.skipif(not hasattr(av.video.stream.VideoStream, "set_display_rotation"),
+                    reason="this PyAV cannot write a display matrix")
+@pytest.mark.parametrize("degrees, hflip, vflip", ORIENTATIONS)
+def test_display_rotation_is_applied(tmp_path, degrees, hflip, vflip):
+    """A stream shown turned or mirrored (phone videos) is read upright, as players show it:
+    PyAV's display rotation is counterclockwise, its flips mirror after it."""
+    coded = np.random.default_rng(1).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    path = str(tmp_path / "turned.mov")
+    with av.open(path, "w") as c:  # PNG in MOV: lossless, so the frames compare exactly
+        s = c.add_stream("png", rate=25)
+        s.width, s.height, s.pix_fmt = 10, 6, "rgb24"
+        s.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for _ in range(2):
+            for packet in s.encode(av.VideoFrame.from_ndarray(coded, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    upright = np.rot90(coded, degrees // 90)
+    upright = upright[:, ::-1] if hflip else upright
+    upright = upright[::-1] if vflip else upright
+    out = str(tmp_path / "pha")
+    convert_video(FakeMatting(), path, output_type="png_sequence", output_foreground=out, progress=False)
+    frames = [read_png(os.path.join(out, n), "rgb24") for n in sorted(os.listdir(out))]
+    assert len(frames) == 2
+    for frame in frames:  # the fake model's foreground is 1 - src
+        np.testing.assert_array_equal(frame, 255 - upright)
+    # input_resize is the upright size
+    out2 = str(tmp_path / "resized")
+    convert_video(FakeMatting(), path, output_type="png_sequence", output_alpha=out2, progress=False,
+                  input_resize=(upright.shape[1] * 2, upright.shape[0] * 2))
+    resized = read_png(os.path.join(out2, sorted(os.listdir(out2))[0]), "gray")
+    assert resized.shape[:2] == (upright.shape[0] * 2, upright.shape[1] * 2)
+
+
+def _jpeg_with_exif_orientation(plain: bytes, value: int, order: str) -> bytes:
+    """``plain`` (a JPEG file's bytes) with an APP1 EXIF block holding only Orientation = value."""
+    mark = b"II" if order == "little" else b"MM"
+
+    def n(v, size):
+        return v.to_bytes(size, order)
+    tiff = mark + n(42, 2) + n(8, 4) + n(1, 2) + n(0x0112, 2) + n(3, 2) + n(1, 4) + n(value, 2) + n(0, 2) + n(0, 4)
+    app1 = b"Exif\0\0" + tiff
+    return plain[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + plain[2:]
+
+
+@pytest.mark.parametrize("value, order", [(6, "big"), (8, "little"), (2, "big"), (3, "little"), (5, "big")])
+def test_jpeg_exif_orientation_is_applied(tmp_path, value, order):
+    """Photos are read upright: the EXIF Orientation tag's standard meanings."""
+    coded = np.random.default_rng(2).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    plain = tmp_path / "plain.jpg"
+    with av.open(str(plain), "w", format="image2") as c:
+        s = c.add_stream("mjpeg", rate=1)
+        s.width, s.height, s.pix_fmt = 32, 16, "yuvj444p"
+        for packet in s.encode(av.VideoFrame.from_ndarray(coded, format="rgb24").reformat(format="yuvj444p")):
+            c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    turned = tmp_path / "turned.jpg"
+    turned.write_bytes(_jpeg_with_exif_orientation(plain.read_bytes(), value, order))
+    decoded = read_image(str(plain))  # the same compressed pixels, without the tag
+    expected = {6: np.rot90(decoded, -1),  # "rotate 90 CW to display"
+                8: np.rot90(decoded, 1),
+                2: decoded[:, ::-1],  # mirrored
+                3: decoded[::-1, ::-1],
+                5: decoded.transpose(1, 0, 2)}[value]
+    np.testing.assert_array_equal(read_image(str(turned)), expected)
+    assert read_image(str(turned), size=(8, 20)).shape == (20, 8, 3)  # size is (width, height) upright
 
 
 def test_encoders_present():

@@ -14,9 +14,10 @@ import numbers
 import os
 import re
 from fractions import Fraction
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import av
+import av.sidedata.sidedata
 import numpy as np
 
 __all__ = [
@@ -40,11 +41,114 @@ NTSC_RATES = tuple(Fraction(n * 1000, 1001) for n in (24, 30, 48, 60, 120, 240))
 Frame = tuple[np.ndarray, int]
 
 
-def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
-    """A decoded frame as a (H, W, 3) uint8 RGB array, resized to ``size = (w, h)`` if given."""
+class Orientation(NamedTuple):
+    """How to turn a decoded frame upright, as players show it: transpose (swap rows and
+    columns) first, then flip rows (upside down) and columns (mirror)."""
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_columns: bool = False
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C) -> the upright (H', W', C), contiguous."""
+        if self.transpose:
+            image = image.transpose(1, 0, 2)
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_columns:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image) if self != UPRIGHT else image
+
+
+UPRIGHT = Orientation()
+
+# np.rot90(image, k) for k = 0..3 quarter turns counterclockwise
+_QUARTER_TURNS = (UPRIGHT, Orientation(True, True, False), Orientation(False, True, True),
+                  Orientation(True, False, True))
+
+# The EXIF Orientation tag's values 1-8 (the JPEG/TIFF standard's table)
+EXIF_ORIENTATIONS = {
+    1: UPRIGHT,
+    2: Orientation(False, False, True),  # mirrored
+    3: Orientation(False, True, True),  # turned 180 degrees
+    4: Orientation(False, True, False),  # upside down
+    5: Orientation(True, False, False),  # transposed
+    6: Orientation(True, False, True),  # shown turned 90 degrees clockwise
+    7: Orientation(True, True, True),  # transverse
+    8: Orientation(True, True, False),  # shown turned 90 degrees counterclockwise
+}
+
+
+def orientation(frame: av.VideoFrame, path: str | None = None) -> Orientation:
+    """A frame's display matrix (phone videos filmed upright are coded landscape and shown
+    turned by 90 or 270 degrees; mirrors too) as an :class:`Orientation`, to the nearest
+    quarter turn; :data:`UPRIGHT` without one.
+
+    The matrix, nine int32 ``a b u c d v x y w`` (a-d in 16.16 fixed point), shows pixel
+    ``(p, q)`` (column, row from the centre, rows counted downwards) at
+    ``(a p + c q, b p + d q)``. With ``a = d = 0`` columns become rows: a transpose, then
+    a flip of the new rows where ``b < 0`` and of the new columns where ``c < 0``; else a flip
+    of the columns where ``a < 0`` and of the rows where ``d < 0``. (A 90-degree
+    counterclockwise turn is ``a, b, c, d = 0, -1, 1, 0``: ``np.rot90``.)
+
+    A PyAV older than the frame's side data (FFmpeg 8 attaches a JPEG's EXIF block, a type
+    PyAV 18 cannot list) cannot read the matrix: then the EXIF Orientation tag of the
+    JPEG file at ``path`` if there is one, else the matrix's rotation alone (no mirrors).
+    """
+    try:
+        data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    except AttributeError:  # a PyAV without frame side data
+        return UPRIGHT
+    except ValueError:  # a side-data type this PyAV does not know
+        exif = jpeg_exif_orientation(path) if path is not None else None
+        return exif or _QUARTER_TURNS[round((getattr(frame, "rotation", 0) or 0) / 90) % 4]
+    if data is None:
+        return UPRIGHT
+    a, b, _, c, d = np.frombuffer(bytes(data), dtype=np.int32)[:5].tolist()
+    if abs(b) > abs(a):
+        return Orientation(True, b < 0, c < 0)
+    return Orientation(False, d < 0, a < 0)
+
+
+def jpeg_exif_orientation(path: str) -> Orientation | None:
+    """The EXIF Orientation tag (0x0112 in IFD0) of the JPEG file at ``path``, or None (not a
+    JPEG, no EXIF block or no tag; never raises for a malformed one)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)  # EXIF comes first, in an APP1 segment of at most 64 KiB
+    except OSError:
+        return None
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(head) and head[i] == 0xFF and head[i + 1] != 0xDA:  # segments up to the scan
+        length = int.from_bytes(head[i + 2:i + 4], "big")
+        if head[i + 1] == 0xE1 and head[i + 4:i + 10] == b"Exif\0\0":
+            tiff = head[i + 10:i + 2 + length]
+            order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+            if order is None:
+                return None
+            ifd = int.from_bytes(tiff[4:8], order)
+            for entry in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+                e = ifd + 2 + 12 * entry  # 12-byte entries: tag, type, count, value
+                if len(tiff) < e + 10:
+                    return None
+                if int.from_bytes(tiff[e:e + 2], order) == 0x0112:
+                    return EXIF_ORIENTATIONS.get(int.from_bytes(tiff[e + 8:e + 10], order))
+            return None
+        i += 2 + max(length, 2)
+    return None
+
+
+def _rgb(frame: av.VideoFrame, size: tuple[int, int] | None, path: str | None = None) -> np.ndarray:
+    """A decoded frame as shown, upright (its display matrix applied, as players and the
+    ``ffmpeg`` command do), as a (H, W, 3) uint8 RGB array, resized to ``size = (w, h)``
+    (upright) if given. ``path``: the file, for :func:`orientation`'s EXIF fallback."""
+    turn = orientation(frame, path)
     if size is not None:
-        frame = frame.reformat(width=size[0], height=size[1], interpolation="BILINEAR")
-    return frame.to_ndarray(format="rgb24")
+        width, height = (size[1], size[0]) if turn.transpose else size  # the coded frame's sides
+        frame = frame.reformat(width=width, height=height, interpolation="BILINEAR")
+    return turn.apply(frame.to_ndarray(format="rgb24"))
 
 
 def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -58,7 +162,7 @@ def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     try:
         with av.open(path) as container:
             for frame in container.decode(video=0):
-                return _rgb(frame, size)
+                return _rgb(frame, size, path)
     except (av.FFmpegError, IndexError) as e:
         raise ValueError(f"{path!r} is not a readable image: {e}") from e
     raise ValueError(f"{path!r} is not a readable image: it holds no picture")
@@ -118,7 +222,9 @@ class VideoReader:
     without it, frames of a stream that changes size part way are scaled to its first size.
     ``threads``: FFmpeg decoding threads, 0 for FFmpeg's choice.
 
-    Iterating yields ``(image, pts)`` with ``image`` (H, W, 3) uint8 RGB. Timestamps
+    Iterating yields ``(image, pts)`` with ``image`` (H, W, 3) uint8 RGB, upright: a stream
+    shown turned or mirrored (a display matrix, as phones record upright video) is turned as
+    players show it (:func:`orientation`), so ``width`` x ``height`` is the upright size. Timestamps
     are the decoder's (missing ones are filled in at the frame period) and strictly
     increasing. A file that fails to decode part way, or stops well before the
     duration its header announces, raises ``ValueError`` ("corrupt or truncated").
@@ -153,7 +259,14 @@ class VideoReader:
             self.frame_rate = Fraction(rate)
             self.time_base = Fraction(stream.time_base) if stream.time_base else 1 / self.frame_rate
             self.size = size
-            self.width, self.height = size if size is not None else (stream.width, stream.height)
+            # The first frame, decoded now: its display rotation sets the upright size
+            # (yielded first by __iter__).
+            self._frames = self._container.decode(stream)
+            self._first = self._decode_first()
+            self._coded = (stream.width, stream.height)
+            turned = self._first is not None and orientation(self._first).transpose
+            upright = self._coded[::-1] if turned else self._coded
+            self.width, self.height = size if size is not None else upright
             self.num_frames = stream.frames or None
             self.has_audio = bool(self._container.streams.audio)
             self._expected_seconds = self._announced_seconds()
@@ -162,6 +275,20 @@ class VideoReader:
         except BaseException:
             self._container.close()
             raise
+
+    def _decode_first(self) -> av.VideoFrame | None:
+        try:
+            return next(self._frames, None)
+        except av.FFmpegError as e:
+            raise ValueError(f"input_source {self.path!r} is corrupt or truncated: its first frame does not "
+                             f"decode: {e}") from e
+
+    def _decoded(self) -> Iterator[av.VideoFrame]:
+        if self._first is None:  # no frames (PyAV's decoder must not be resumed once it has ended)
+            return
+        first, self._first = self._first, None
+        yield first
+        yield from self._frames
 
     def _announced_seconds(self) -> float | None:
         """How long the header says the video stream lasts, or ``None`` if it does not say."""
@@ -185,7 +312,7 @@ class VideoReader:
         count = 0
         try:
             try:
-                for frame in self._container.decode(self._stream):
+                for frame in self._decoded():
                     pts = frame.pts
                     if pts is None:
                         pts = 0 if last is None else last + period
@@ -198,7 +325,7 @@ class VideoReader:
                     last_duration = frame.duration or period
                     count += 1
                     size = self.size
-                    if size is None and (frame.width, frame.height) != (self.width, self.height):
+                    if size is None and (frame.width, frame.height) != self._coded:
                         size = (self.width, self.height)  # the stream changed size: back to its first, as FFmpeg
                     yield _rgb(frame, size), pts
             except av.FFmpegError as e:
