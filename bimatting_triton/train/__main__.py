@@ -25,7 +25,7 @@ from .config import TrainConfig, config_names, get_config
 USAGE_ERROR = 2  # exit status of every reported mistake, as argparse's own
 
 
-def _converter(annotation: str, name: str):
+def _converter(annotation: str):
     optional = "None" in annotation
     base = annotation.replace("| None", "").replace("None |", "").strip()
 
@@ -37,11 +37,11 @@ def _converter(annotation: str, name: str):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise argparse.ArgumentTypeError(f"--{name}: expected true/false, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")  # argparse names the flag
         try:
             return {"int": int, "float": float, "str": str}[base](text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name}: expected {base}{' or none' if optional else ''}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {base}{' or none' if optional else ''}, got {text!r}") from None
 
     return convert
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        group.add_argument(flag, dest=f.name, type=_converter(str(f.type), f.name), default=argparse.SUPPRESS,
+        group.add_argument(flag, dest=f.name, type=_converter(str(f.type)), default=argparse.SUPPRESS,
                            metavar=f.name.upper(), help=f"(default of TrainConfig: {default!r})")
     return parser
 

@@ -76,8 +76,12 @@ def test_command_line_overrides(capsys):
     assert main(["--config", "tiny", "--size", "48", "--grad-clip", "0.5", "--init", "none", "--amp", "false", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["name"] == "tiny" and cfg["size"] == 48 and cfg["grad_clip"] == 0.5 and cfg["init"] is None and cfg["amp"] is False
-    with pytest.raises(SystemExit):
-        main(["--config", "tiny", "--size", "big"])
+    for flag, value, expected in (("--size", "big", "expected int"), ("--amp", "maybe", "expected true/false"),
+                                  ("--grad-clip", "x", "expected float or none")):
+        with pytest.raises(SystemExit):
+            main(["--config", "tiny", flag, value])
+        # the flag as typed, once (the field's name used to follow it)
+        assert f"argument {flag}: {expected}, got {value!r}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
