@@ -177,8 +177,11 @@ def pretend_cuda(arch: int, results: dict, stand_in=None, options: dict | None =
 
 def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90, float64: bool = False,
                   dtype: torch.dtype | None = None) -> list[dict]:
-    """Every distinct kernel specialisation of two streaming calls (first frame, then with
-    recurrent state) of ``convert(BiMatting())`` at ``size``; one dict per specialisation.
+    """Every distinct kernel specialisation of three streaming calls of ``convert(BiMatting())``
+    at ``size`` (the first frame; then with the returned recurrent states; then with copies of
+    them, as :class:`~bimatting_triton.CudaGraphStep` captures the model: the returned states
+    are strided views of larger buffers, their clones are packed, and Triton specialises on
+    strides and alignment); one dict per specialisation.
     ``float64``: the model in float64, as the exactness tests run it (``BIMATTING_TEST_CUDA``);
     ``dtype``: any model dtype (float16: half activations, float32 epilogues)."""
     w, h, ratio = parse_frame_size(size)
@@ -190,6 +193,7 @@ def compile_model(size: str = "512x288@1", frames: int = 1, arch: int = 90, floa
     with torch.inference_mode(), pretend_cuda(arch, results):
         _, _, *rec = model(src, downsample_ratio=ratio)
         model(src, *rec, downsample_ratio=ratio)
+        model(src.clone(), *[r.clone() for r in rec], downsample_ratio=ratio)  # CudaGraphStep._capture's call
     return list(results.values())
 
 
@@ -212,6 +216,19 @@ def compile_bench_kernels(arch: int = 90) -> list[dict]:
     return list(results.values())
 
 
+def compile_bench_sparse(densities: str, arch: int = 90) -> list[dict]:
+    """Every distinct specialisation that ``bench/sparse.py --densities DENSITIES`` launches at
+    its defaults (HD@0.25, float16, 8x8 tiles): dense and masked convs, the masked units, the
+    tile lists. One dict per specialisation."""
+    import sparse as bench_sparse  # bench/sparse.py
+
+    args = bench_sparse.parse_args(["--densities", densities, "--check-only"])
+    results: dict = {}
+    with torch.inference_mode(), pretend_cuda(arch, results):
+        bench_sparse.run(args, pretend_cuda=True)
+    return list(results.values())
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="512x288@1", help="WIDTHxHEIGHT@DOWNSAMPLE_RATIO (default 512x288@1)")
@@ -223,11 +240,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bench-kernels", action="store_true",
                         help="instead of the model, what bench/kernels.py launches (packed-dot, masked units; "
                              "its size from BIMATTING_BENCH_SIZE)")
+    parser.add_argument("--bench-sparse", metavar="DENSITIES",
+                        help="instead of the model, what bench/sparse.py --densities DENSITIES launches")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if a specialisation fails to compile or spills")
     args = parser.parse_args(argv)
     if args.bench_kernels:
         rows = compile_bench_kernels(args.arch)
+    elif args.bench_sparse:
+        rows = compile_bench_sparse(args.bench_sparse, args.arch)
     else:
         rows = compile_model(args.size, args.frames, args.arch, args.float64,
                              getattr(torch, args.dtype) if args.dtype else None)
@@ -244,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     failed = [r for r in rows if r["error"]]
     spilled = [r for r in rows if not r["error"] and (r["spill_stores"] or r["spill_loads"])]
     total = sum(r["compile_s"] for r in rows)
-    launches = f"{sum(r['launches'] for r in rows)} launches" + ("" if args.bench_kernels else " in two calls")
+    launches = f"{sum(r['launches'] for r in rows)} launches" + ("" if args.bench_kernels or args.bench_sparse else " in three calls")
     print(f"{len(rows)} specialisations, {launches}; compiled in {total:.1f} s here (triton {triton.__version__}, "
           f"one process, cold cache needs TRITON_CACHE_DIR empty); {len(failed)} failed, {len(spilled)} spill")
     if args.check and (failed or spilled):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile, here and without a GPU, every Triton kernel that the GPU session's steps launch
-# (bench/gpu_session.sh: throughput, graphs, profile, kernels, tests), for an H100 or H200
+# (bench/gpu_session.sh: throughput, graphs, profile, kernels, sparse, tests), for an H100 or H200
 # (sm_90), and pack Triton's cache for the device tool's `carry` (PYTHON needs torch, triton,
 # pytest and, for triton 3.6's interpreter, numpy < 2.3):
 #   PYTHON=/path/to/python bash bench/prebuild_triton_cache.sh      # -> .gpu-triton-cache.tar.xz
@@ -42,6 +42,9 @@ printf 'tests/test_cuda_graph.py (its fused model, CUDA only): '
 "${compile_env[@]}" "$py" bench/compile_model.py --size 512x288@0.5 --frames 1 --dtype float32 | tail -1
 printf 'bench/kernels.py (packed-dot, masked units): '
 "${compile_env[@]}" "$py" bench/compile_model.py --bench-kernels | tail -1
+sparse_densities=$(sed -n 's/^SPARSE_DENSITIES="\(.*\)"$/\1/p' bench/gpu_session.sh)
+printf 'bench/sparse.py --densities %s: ' "$sparse_densities"
+"${compile_env[@]}" "$py" bench/compile_model.py --bench-sparse "$sparse_densities" | tail -1
 if [ "${TESTS:-1}" != 0 ]; then
   printf 'GPU tests (gpu_session.sh tests): '
   "${compile_env[@]}" BIMATTING_TEST_CUDA=1 PYTHONPATH=bench "$py" -m pytest -q -p no:cacheprovider -p no:warnings -p prebuild_test_kernels $GPU_TESTS 2>&1 \

@@ -169,7 +169,11 @@ def _check(got: torch.Tensor, dense: torch.Tensor, mask: torch.Tensor, what: str
         raise AssertionError(f"{what}: sparse differs from dense by {err:.3g} (relative)")
 
 
-def run(args) -> tuple[list[Row], str]:
+def run(args, on_row=None, pretend_cuda: bool = False) -> tuple[list[Row], str]:
+    """The table's rows (and the device's name). ``on_row(row)``: called as each row is
+    measured (a run cut short by a time limit still shows what it measured).
+    ``pretend_cuda``: launch the kernels on the CPU tensors without checking their outputs
+    (bench/compile_model.py's prebuild, whose kernels only compile)."""
     from bimatting_triton.kernels.binary_conv import Epilogue, binary_conv2d, pack_weight
     from bimatting_triton.kernels.pack import sign_pack
     from bimatting_triton.kernels.sparse_unit import active_tiles, skipped_bops, sparse_binary_conv2d, \
@@ -177,7 +181,8 @@ def run(args) -> tuple[list[Row], str]:
 
     cuda = torch.cuda.is_available()
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    run_kernels = not args.counts_only and (cuda or interp)
+    run_kernels = not args.counts_only and (cuda or interp or pretend_cuda)
+    check = (lambda *a: None) if pretend_cuda else _check
     timing = run_kernels and cuda and not args.check_only
     dev = torch.device("cuda" if cuda else "cpu")
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -209,6 +214,8 @@ def run(args) -> tuple[list[Row], str]:
                       list_ms=list_ms.get(unit.block))
             rows.append(row)
             if not run_kernels:
+                if on_row is not None:
+                    on_row(row)
                 continue
             x = torch.randn(1, unit.cin, *level, generator=gen).to(dev)
             y1 = torch.randn(1, unit.cout, *level, generator=gen).to(dev, dtype)
@@ -224,7 +231,7 @@ def run(args) -> tuple[list[Row], str]:
                 sparse_epi = Epilogue(**kw, out=out)
                 dense = binary_conv2d(px, pw, dense_epi).y
                 sparse_binary_conv2d(px, pw, sparse_epi, tiles)
-                _check(out, dense, m, what)
+                check(out, dense, m, what)
                 row.dense_ms = _time(lambda: binary_conv2d(px, pw, dense_epi), timing)
                 row.sparse_ms = _time(lambda: sparse_binary_conv2d(px, pw, sparse_epi, tiles), timing)
                 if unit.block != "decode0":  # the masked pair: 1x1 + 3x3 * m
@@ -236,7 +243,7 @@ def run(args) -> tuple[list[Row], str]:
                         y1u = binary_conv2d(px, pw1, e1).y
                         return binary_conv2d(px, pw, dataclasses.replace(e3, mask=m, addend=y1u)).y
 
-                    _check(sparse_unit(px, pw, e3, px, pw1, e1, m, tiles), dense_unit(), m, what + " (unit)")
+                    check(sparse_unit(px, pw, e3, px, pw1, e1, m, tiles), dense_unit(), m, what + " (unit)")
                     row.unit_dense_ms = _time(dense_unit, timing)
                     row.unit_ms = _time(lambda: sparse_unit(px, pw, e3, px, pw1, e1, m, tiles), timing)
             else:
@@ -247,13 +254,15 @@ def run(args) -> tuple[list[Row], str]:
                 dense = y1.clone()
                 sparse_float_conv2d(xf, weight, scale, shift, "relu", dense, every, mask=m, addend=y1)
                 sparse_float_conv2d(xf, weight, scale, shift, "relu", out, tiles, mask=m, addend=y1)
-                _check(out, dense, m, what)
+                check(out, dense, m, what)
                 row.dense_ms = _time(
                     lambda: sparse_float_conv2d(xf, weight, scale, shift, "relu", dense, every, mask=m, addend=y1),
                     timing)
                 row.sparse_ms = _time(
                     lambda: sparse_float_conv2d(xf, weight, scale, shift, "relu", out, tiles, mask=m, addend=y1),
                     timing)
+            if on_row is not None:
+                on_row(row)
     return rows, device_name
 
 
@@ -303,7 +312,8 @@ def _write_json(path: str, payload: dict) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (argparse exits with a message naming a bad flag)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1920x1080@0.25", help="WIDTHxHEIGHT[@RATIO] of the frames")
     parser.add_argument("--densities", default=",".join(map(str, DEFAULT_DENSITIES)),
@@ -325,10 +335,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
         parser.error(f"--densities: expected comma-separated numbers, got {args.densities!r}")
     if any(not 0 <= d <= 100 for d in args.densities):
         parser.error("--densities: percentages in [0, 100]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
     if not torch.cuda.is_available() and not args.counts_only and not args.check_only:
         print("bench/sparse.py: no CUDA device: reporting the skipped operations only (timings need a GPU).")
         args.counts_only = True
-    rows, device = run(args)
+
+    def progress(row: Row) -> None:  # one line per row as it is measured; the tables follow at the end
+        print(f"  {row.target:.0%} {row.block} {row.unit}: dense {_fmt(row.dense_ms, '.4f')} ms, sparse "
+              f"{_fmt(row.sparse_ms, '.4f')} ms, unit {_fmt(row.unit_dense_ms, '.4f')} -> {_fmt(row.unit_ms, '.4f')} ms",
+              file=sys.stderr, flush=True)
+
+    rows, device = run(args, on_row=progress)
     print(render(rows, device, args))
     if args.json:
         _write_json(args.json, {"size": args.size, "tile": args.tile, "dtype": args.dtype, "device": device,

@@ -91,3 +91,30 @@ def test_prebuilt_kernels_are_found_in_another_cache_dir_and_triton_build(tmp_pa
                                             for g in groups for p in g["child_paths"].values())
         run(cache_dir, *build, SCRIPT, "--bench-kernels", "--check")
         assert sorted(os.listdir(cache_dir)) == unpacked  # every launch found its kernel: none added
+
+
+def test_sparse_bench_prebuild_reaches_its_kernels(monkeypatch):
+    # compile_model.py --bench-sparse runs bench/sparse.py's launches with CUDA pretended (its
+    # outputs unchecked: the kernels only compile there). Here with stand-ins that only note
+    # the launches, at a small size: every masked kernel of the bench is reached.
+    monkeypatch.syspath_prepend(os.path.dirname(SCRIPT))
+    import torch
+    from compile_model import pretend_cuda
+
+    import sparse as bench_sparse
+
+    launched = set()
+
+    class Noted:
+        def __init__(self, kernel):
+            self.name = kernel.fn.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.add(self.name)
+
+    args = bench_sparse.parse_args(["--size", "64x36@1", "--densities", "0,50", "--check-only"])
+    with torch.inference_mode(), pretend_cuda(90, {}, stand_in=Noted):
+        rows, _ = bench_sparse.run(args, pretend_cuda=True)
+    assert len(rows) == 22
+    assert {"_binary_conv_kernel", "_sparse_conv_kernel", "_masked_pair_kernel", "_sparse_float_conv_kernel",
+            "_tile_flags_kernel", "_sign_pack_kernel"} <= launched

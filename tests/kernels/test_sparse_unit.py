@@ -472,7 +472,9 @@ def test_bench_checks_every_unit_against_dense(monkeypatch, capsys):
     # dense kernels (bitwise where m == 0) at every level's real shapes, small frame.
     bench = _sparse_bench(monkeypatch)
     rows = bench.main(["--size", "64x36@1", "--densities", "30", "--dtype", "float32", "--check-only"])
-    assert "unit ms" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "unit ms" in out.out
+    assert len([line for line in out.err.splitlines() if line.startswith("  30% ")]) == 11  # a line per row, as run
     assert len(rows) == 11 and all(0 < r.tiles <= 1 for r in rows)
 
 
