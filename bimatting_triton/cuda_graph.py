@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .devices import current_cuda_device
+
 __all__ = ["CudaGraphStep", "capture"]
 
 
@@ -127,6 +129,10 @@ class CudaGraphStep(nn.Module):
         _check_device(src)
         if not rec or any(r is None for r in rec):
             return self.model(src, *rec, **kwargs)  # a stream's first call: shapes of the states unknown
+        with current_cuda_device(src.device):  # graphs capture and replay on the current device
+            return self._step(src, rec, kwargs, downsample_ratio, segmentation_pass)
+
+    def _step(self, src: Tensor, rec: tuple[Tensor, ...], kwargs: dict, downsample_ratio, segmentation_pass):
         key = (_signature(src), tuple(_signature(r) for r in rec), float(downsample_ratio), bool(segmentation_pass))
         captured = self._graphs.get(key)
         if captured is None:

@@ -1,11 +1,12 @@
 """Checking a device a user asked for, once, with an error that names where it came from."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 
-__all__ = ["usable_device"]
+__all__ = ["usable_device", "current_cuda_device"]
 
 
 def usable_device(device: str | torch.device | None, name: str = "device") -> torch.device:
@@ -40,3 +41,18 @@ def usable_device(device: str | torch.device | None, name: str = "device") -> to
             reason = re.split(r"\.\s", str(exc).strip())[0] or type(exc).__name__  # its first sentence
             raise ValueError(f"{where} cannot be used by this PyTorch: {reason}") from None
     return dev
+
+
+def current_cuda_device(device: torch.device):
+    """A context in which ``device`` is the current CUDA device, where it is another one.
+
+    Triton launches its kernels, and ``torch.cuda.graph`` captures, on the *current* CUDA
+    device, whatever device the tensors are on: a model on ``cuda:1`` while ``cuda:0`` is
+    current would launch on the wrong GPU. PyTorch's own operators switch devices themselves.
+    A no-op context for other devices, on a machine with one GPU, and under ``torch.compile``
+    (whose generated code sets the device itself).
+    """
+    if (device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.device_count() < 2
+            or device.index is None or device.index == torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

@@ -146,3 +146,56 @@ def test_usable_device_names_the_argument(monkeypatch, device, available, count,
     else:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             usable_device(device, "--device")
+
+
+def test_model_and_graph_step_make_the_input_gpu_current(monkeypatch):
+    """Triton launches and CUDA graphs go to the current CUDA device: a model given tensors on
+    cuda:1 while cuda:0 is current switches to cuda:1 for the call (pretended: no GPU here)."""
+    import contextlib
+
+    import torch
+
+    from bimatting_triton import BiMatting, CudaGraphStep
+    from bimatting_triton.devices import current_cuda_device
+
+    switched = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        switched.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    for device in ("cpu", "cuda:0"):
+        with current_cuda_device(torch.device(device)):
+            pass
+    assert switched == []
+    with current_cuda_device(torch.device("cuda:1")):
+        pass
+    assert switched == [torch.device("cuda:1")]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with current_cuda_device(torch.device("cuda:1")):
+        pass
+    assert len(switched) == 1  # one GPU: nothing to switch
+
+    # the model and CudaGraphStep ask for their input's device (CPU tensors here: the real
+    # context is then a no-op, so the recorded device is what they asked for)
+    asked = []
+
+    def recording(device):
+        asked.append(device)
+        return contextlib.nullcontext()
+
+    import bimatting_triton.cuda_graph as cuda_graph
+    import bimatting_triton.model.bimatting as bimatting
+    monkeypatch.setattr(bimatting, "current_cuda_device", recording)
+    monkeypatch.setattr(cuda_graph, "current_cuda_device", recording)
+    monkeypatch.setattr(cuda_graph, "_check_device", lambda src: None)
+    model = BiMatting().eval()
+    src = torch.rand(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        _, _, *rec = model(src)
+        CudaGraphStep(model)(src, *rec)  # (the first call with states runs eagerly)
+    assert asked == [torch.device("cpu")] * 3

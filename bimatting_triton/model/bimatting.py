@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import load_into, read_state_dict
+from ..devices import current_cuda_device
 from .aspp import BiLRASPP
 from .backbone import BinaryBackbone
 from .common import Projection, per_frame, resize
@@ -109,6 +110,11 @@ class BiMatting(nn.Module):
     ) -> list[Tensor]:
         # (a numpy scalar or Fraction comes back as the float F.interpolate wants)
         downsample_ratio = _check_inputs(src, (r1, r2, r3, r4), downsample_ratio)
+        with current_cuda_device(src.device):  # the fused model's Triton kernels launch on the current device
+            return self._forward(src, r1, r2, r3, r4, downsample_ratio, segmentation_pass, return_coarse)
+
+    def _forward(self, src, r1, r2, r3, r4, downsample_ratio: float, segmentation_pass: bool,
+                 return_coarse: bool) -> list[Tensor]:
         single_frame = src.ndim == 4
         if single_frame:
             src = src.unsqueeze(1)
