@@ -12,7 +12,10 @@ the packed arithmetic to be the conv's; ``sign(x) == x`` then, so packing is exa
 The module checks this on every call (one pass over the input) and computes an input
 that is not ternary with the float convolution of the binarized weight instead, so
 the result is always the original layer's. ``SignInputBiConv2d`` (from ``binarize_``)
-binarizes its own input, so it needs no check.
+binarizes its own input, so it needs no check. The check's answer is read on the host (a
+device synchronisation per such conv and call), so a model holding unchecked
+``PackedBiConv2d`` s cannot be captured by :class:`~bimatting_triton.CudaGraphStep` (it says
+so); BiMatting's own units, and ``binarize_``'d convs, have no such check.
 """
 from __future__ import annotations
 
