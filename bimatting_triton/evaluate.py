@@ -688,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = _default_device(args.device)  # before loading the model or reading any frame
         if args.data is not None:
+            _check_outside(args.pred, args.data, [])  # a refused --pred says so before the weights' warning
             if args.model_checkpoint is None:
                 bar = "!" * 78
                 print(f"{bar}\nWARNING: {RANDOM_WEIGHTS_WARNING}\n{bar}", file=sys.stderr)

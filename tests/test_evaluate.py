@@ -389,6 +389,7 @@ def test_cli_refuses_pred_equal_to_data(e2e_data, monkeypatch, capsys):
     code = ev.main(["--data", str(data), "--pred", str(data), "--overwrite", "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "error: --pred" in err and "--data" in err
+    assert "WARNING" not in err  # refused before the random-weights banner, which said otherwise that it would run
     assert snapshot(data) == before  # ground truth untouched, no metrics.csv written
 
 
