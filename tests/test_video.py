@@ -23,7 +23,7 @@ from bimatting_triton.video.pipeline import Interrupts, request_interrupt
 from bimatting_triton.video.readers import read_image
 from bimatting_triton.video.writers import check_encoder
 
-from video_utils import FakeMatting, decode, make_video, read_png
+from video_utils import FakeMatting, decode, make_video, read_png, write_png
 
 NTSC = Fraction(30000, 1001)
 
@@ -371,14 +371,6 @@ def test_encoders_present():
 
 
 # ----------------------------------------------------------------------------- image inputs
-
-def write_png(path, image):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("png")
-        s.width, s.height, s.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-        for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-            c.mux(p)
-
 
 def test_image_folder_natural_order_and_frame_rate(tmp_path):
     folder = tmp_path / "frames"

@@ -4,7 +4,6 @@ folders and streams. Each failure is an error naming the argument, raised before
 (no file written), or a run that succeeds; never a run that fails at the end."""
 import os
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -12,22 +11,12 @@ import torch
 from bimatting_triton import cli
 from bimatting_triton.video import convert_video
 
-from video_utils import FakeMatting, make_video, read_png
+from video_utils import FakeMatting, make_video, read_png, write_png
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return make_video(str(tmp_path_factory.mktemp("adv") / "in.mp4"), 3, 32, 24, rate=25)
-
-
-def write_png(path, image):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("png")
-        s.width, s.height, s.pix_fmt = image.shape[1], image.shape[0], "rgb24"
-        for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-            c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 def test_background_image_is_never_overwritten(tmp_path):

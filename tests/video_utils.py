@@ -93,6 +93,17 @@ def decode(path: str, fmt: str = "rgb24", codec: str | None = None):
     return np.stack(frames), info
 
 
+def write_png(path, image: np.ndarray) -> None:
+    """Write a (H, W, 3) uint8 RGB image as a PNG file."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("png")
+        s.width, s.height, s.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+        for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
 def read_png(path: str, fmt: str) -> np.ndarray:
     with av.open(path) as c:
         return next(c.decode(video=0)).to_ndarray(format=fmt)

@@ -53,6 +53,8 @@ from bimatting_triton.kernels.tile_list import active_tiles, active_tiles_refere
 
 from bimatting_triton.nn import binarize_weight
 
+from .test_sparse_unit import _brute_force_flags
+
 DEVICE = torch.device("cuda" if os.environ.get("BIMATTING_TEST_CUDA") and torch.cuda.is_available() else "cpu")
 INF, NAN = math.inf, math.nan
 
@@ -499,21 +501,6 @@ def test_epilogue_views_equal_contiguous_launch(method):
 # Missing: 1x1, 1xW, Hx1 and smaller-than-a-tile masks; halo 2 and halo > tile; -0.0 (not
 # active), subnormal and inf values; float16 / bfloat16 / float64 masks; transposed views.
 # ========================================================================================
-def _brute_flags(mask5, tile, halo):
-    b, t, _, h, w = mask5.shape
-    th, tw = tile
-    nth, ntw = -(-h // th), -(-w // tw)
-    flags = torch.zeros(t, b * nth * ntw, dtype=torch.int32)
-    for g in range(t):
-        for i in range(b):
-            for ty in range(nth):
-                for tx in range(ntw):
-                    win = mask5[i, g, 0, max(ty * th - halo, 0): ty * th + th + halo,
-                                max(tx * tw - halo, 0): tx * tw + tw + halo]
-                    flags[g, (i * nth + ty) * ntw + tx] = int(bool((win != 0).any()))
-    return flags
-
-
 TILE_CASES = [
     # (B, T, H, W, tile, halo)
     (1, 1, 1, 1, (4, 4), 0),
@@ -539,7 +526,7 @@ def test_active_tiles_edge_masks(case, dtype):
         mask[(pick >= 0.5 + 0.03 * i) & (pick < 0.515 + 0.03 * i)] = v
     if b * t > 1:
         mask[0, 0] = -0.0  # one frame of one item all -0.0: no active tile
-    want = _brute_flags(mask.double(), tile, halo)
+    want = _brute_force_flags(mask.double(), tile, halo)
     for m in (mask.to(DEVICE), mask.to(DEVICE).transpose(3, 4).contiguous().transpose(3, 4)):
         for build in (active_tiles, active_tiles_reference):
             tiles = build(m, tile, halo)
@@ -549,7 +536,7 @@ def test_active_tiles_edge_masks(case, dtype):
                 assert torch.equal(tiles.index[f, : tiles.count[f]].cpu(), want[f].nonzero().flatten().to(torch.int32))
     # a 4-D (N, 1, H, W) mask is T = 1
     flat = active_tiles(mask.flatten(0, 1).to(DEVICE), tile, halo)
-    assert torch.equal(flat.flags.cpu(), _brute_flags(mask.flatten(0, 1).unsqueeze(1).double(), tile, halo))
+    assert torch.equal(flat.flags.cpu(), _brute_force_flags(mask.flatten(0, 1).unsqueeze(1).double(), tile, halo))
 
 
 # ========================================================================================
