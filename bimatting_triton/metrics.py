@@ -159,7 +159,8 @@ def dtssd(pred, true):
     p, g, to_np = _pair(pred, true, 3, "(..., T, H, W) alpha sequences")
     d = torch.diff(p, dim=-3) - torch.diff(g, dim=-3)
     rest = d.square().mean(dim=(-2, -1), dtype=torch.float64).sqrt() * 1e2
-    first = torch.zeros(rest.shape[:-1] + (1,), dtype=torch.float64, device=rest.device)
+    # frame 0 is 0; a sequence of no frames has no values (T = 0 gives (..., 0))
+    first = torch.zeros(rest.shape[:-1] + (min(p.shape[-3], 1),), dtype=torch.float64, device=rest.device)
     return _out(torch.cat([first, rest], dim=-1), to_np)
 
 

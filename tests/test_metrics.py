@@ -334,3 +334,14 @@ def test_cuda_matches_cpu():
         on_gpu = fn(torch.from_numpy(p).cuda(), torch.from_numpy(t).cuda())
         assert on_gpu.device.type == "cuda"
         np.testing.assert_allclose(on_gpu.cpu().numpy(), fn(p, t), rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- edge cases
+def test_dtssd_of_an_empty_sequence_has_no_frames():
+    # One value per frame: a sequence of T = 0 frames gives an empty result, not a
+    # lone first-frame 0 (RVM's loop appends nothing when there are no frames).
+    empty = np.zeros((0, 4, 5), np.float32)
+    assert M.dtssd(empty, empty).shape == (0,)
+    assert M.dtssd(np.zeros((2, 0, 4, 5)), np.zeros((2, 0, 4, 5))).shape == (2, 0)
+    one = np.ones((1, 4, 5), np.float32)
+    np.testing.assert_array_equal(M.dtssd(one, 0 * one), [0.0])

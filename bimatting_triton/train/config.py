@@ -12,7 +12,8 @@ stage4     ImageMatte        + 2048 px, T = 6, downsample 0.25      1e-5 / 1e-5 
 =========  ================  =====================================  ===========================
 
 Every stage uses Adam, mixed precision on CUDA, DDP + SyncBatchNorm when launched with
-``torchrun`` on GPUs, and segmentation passes (BCE) every other step. Each stage starts
+``torchrun`` on GPUs, and a segmentation pass (BCE) after every matting step, as RVM's and
+BiMatting's ``train.py`` (which alternate video and image segmentation data). Each stage starts
 from the previous stage's checkpoint (``init``). ``demo`` and ``tiny`` train on the
 procedural :class:`~bimatting_triton.train.synthetic.SyntheticMatteDataset` (no download):
 ``demo`` shows learning in a few minutes on two CPU cores, ``tiny`` is for tests.
@@ -118,7 +119,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # 'constant' (the recipe) or 'cosine' (decay to 0 over the run)
     grad_clip: float | None = None  # max global grad norm; None disables clipping
     amp: bool = True  # float16 autocast + GradScaler on CUDA (ignored on CPU)
-    seg_every: int = 2  # a segmentation pass every N steps (0 = never)
+    seg_every: int = 1  # a segmentation pass every N steps (1: every step, the recipe; 0 = never)
     coarse_weight: float = 0.25  # weight of the matting loss on the coarse outputs
     epochs: int = 20
     max_steps: int | None = None  # stop after this many steps (over all epochs)

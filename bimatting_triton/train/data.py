@@ -473,7 +473,9 @@ class ImageMatteDataset(_EpochDataset):
     """ImageMatte-style stills (``root/fgr/<image>``, ``root/pha/<image>``) made into clips.
 
     Each item repeats one image ``seq_length`` times; the affine motion of
-    :class:`MattingAugmentation` (always on here when ``augment``) makes it move.
+    :class:`MattingAugmentation` (always on here when ``augment``) makes it move. As in
+    RVM, an epoch has ``max(#images, #background images + #background clips)`` items
+    (item ``i`` uses image ``i % #images``).
     """
 
     def __init__(self, root: str, backgrounds: Backgrounds, size: int, seq_length: int, augment: bool = True, seed: int = 0):
@@ -487,11 +489,11 @@ class ImageMatteDataset(_EpochDataset):
             raise ValueError(f"ImageMatteDataset: no images under {os.path.join(root, 'fgr')!r}")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return max(len(self.images), len(self.backgrounds.images) + len(self.backgrounds.videos))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         g = self.generator(index)
-        name = self.images[index]
+        name = self.images[index % len(self.images)]
         fgr = _to_tensor([read_image(os.path.join(self.root, "fgr", name))]).expand(self.seq_length, -1, -1, -1)
         pha = _to_tensor([read_image(os.path.join(self.root, "pha", name), gray=True)]).expand(self.seq_length, -1, -1, -1)
         fgr, pha = self.augmentation.foreground(fgr, pha, g)

@@ -342,7 +342,10 @@ class Trainer:
         if "train_hr" in self.datasets:
             self.streams["train_hr"] = _Stream(self.datasets["train_hr"], cfg.batch_size_hr, self.info, cfg.seed + 1, cfg.num_workers, "train_hr")
         if "seg" in self.datasets:
-            self.streams["seg"] = _Stream(self.datasets["seg"], cfg.batch_size, self.info, cfg.seed + 2, cfg.num_workers, "seg")
+            # Image segmentation batches hold batch_size * seq_length single frames (RVM's loader).
+            self.streams["seg"] = _Stream(
+                self.datasets["seg"], cfg.batch_size * cfg.seq_length, self.info, cfg.seed + 2, cfg.num_workers, "seg"
+            )
         per_epoch = self.streams["train"].per_epoch
         self.total_steps = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.step = 0

@@ -9,8 +9,9 @@ copies for logging.
   frame differences of prediction and target);
 * foreground: ``L1 + 5 * temporal coherence``, both on pixels where the true alpha > 0
   (elsewhere the foreground colour is undefined);
-* coarse outputs (``fgr_s, pha_s`` at 1/16 size): the same matting loss against the
-  targets resized to that size, weighted 0.25 (:func:`coarse_matting_loss`);
+* coarse outputs (``fgr_s, pha_s`` at 1/16 size): the same matting loss, with a one-level
+  Laplacian, against the targets resized bilinearly to that size, weighted 0.25, as in
+  BiMatting's ``train.py`` (:func:`coarse_matting_loss`);
 * segmentation passes: binary cross-entropy on the logits (:func:`segmentation_loss`).
 """
 from __future__ import annotations
@@ -112,8 +113,12 @@ def laplacian_loss(pred: Tensor, true: Tensor, levels: int = LAPLACIAN_LEVELS) -
     return loss / levels
 
 
-def matting_loss(pred_fgr: Tensor, pred_pha: Tensor, true_fgr: Tensor, true_pha: Tensor) -> dict[str, Tensor]:
+def matting_loss(
+    pred_fgr: Tensor, pred_pha: Tensor, true_fgr: Tensor, true_pha: Tensor, laplacian_levels: int = LAPLACIAN_LEVELS
+) -> dict[str, Tensor]:
     """Alpha and foreground losses (see the module docstring); (B, T, C, H, W) inputs.
+
+    ``laplacian_levels``: band-pass levels of the Laplacian term (5; the coarse outputs use 1).
 
     Returns ``{'pha_l1', 'pha_laplacian', 'pha_coherence', 'fgr_l1', 'fgr_coherence',
     'total'}``; the coherence entries already carry their weight of 5, ``total`` is the
@@ -125,7 +130,7 @@ def matting_loss(pred_fgr: Tensor, pred_pha: Tensor, true_fgr: Tensor, true_pha:
         raise ValueError(f"fgr {tuple(pred_fgr.shape)} and pha {tuple(pred_pha.shape)} must share B, T, H, W")
     terms = {
         "pha_l1": F.l1_loss(pred_pha, true_pha),
-        "pha_laplacian": laplacian_loss(pred_pha, true_pha),
+        "pha_laplacian": laplacian_loss(pred_pha, true_pha, laplacian_levels),
         "pha_coherence": COHERENCE_WEIGHT * temporal_coherence_loss(pred_pha, true_pha),
     }
     # Foreground colour only matters where there is some foreground: zero both elsewhere
@@ -138,23 +143,27 @@ def matting_loss(pred_fgr: Tensor, pred_pha: Tensor, true_fgr: Tensor, true_pha:
 
 
 def _resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    # Targets shrink to the coarse grid by area averaging (the mean alpha of each cell).
+    # Targets shrink to the coarse grid as in BiMatting's train.py: bilinear, align_corners=False
+    # (no antialiasing, so not the mean of each cell).
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.adaptive_avg_pool2d(x.flatten(0, 1), size).unflatten(0, x.shape[:2])
+    return F.interpolate(x.flatten(0, 1), size=size, mode="bilinear", align_corners=False).unflatten(0, x.shape[:2])
 
 
 def coarse_matting_loss(
     pred_fgr_s: Tensor, pred_pha_s: Tensor, true_fgr: Tensor, true_pha: Tensor, weight: float = 0.25
 ) -> dict[str, Tensor]:
-    """:func:`matting_loss` of the coarse outputs, times ``weight``, as ``coarse_*`` terms.
+    """:func:`matting_loss` of the coarse outputs (one Laplacian level), times ``weight``, as
+    ``coarse_*`` terms; BiMatting's ``matting_loss(pred_*_s, true_*_s, lvl=1)['total'] * 0.25``.
 
     ``pred_fgr_s`` (B, T, 3, h, w), ``pred_pha_s`` (B, T, 1, h, w) at the coarse size; the
-    full-size targets are area-averaged to (h, w) (alpha > 0 of the averaged alpha marks
-    the known foreground).
+    full-size targets are resized bilinearly (``align_corners=False``) to (h, w) (alpha > 0
+    of the resized alpha marks the known foreground).
     """
     size = tuple(pred_pha_s.shape[-2:])
-    terms = matting_loss(pred_fgr_s, pred_pha_s, _resize_to(true_fgr, size), _resize_to(true_pha, size))
+    terms = matting_loss(
+        pred_fgr_s, pred_pha_s, _resize_to(true_fgr, size), _resize_to(true_pha, size), laplacian_levels=1
+    )
     return {f"coarse_{k}": v * weight for k, v in terms.items()}
 
 

@@ -164,3 +164,11 @@ def test_replace_keeps_a_shown_config_shown():
     assert full.replace(size=256).size == 256
     with pytest.raises(ValueError, match="videomatte_dir"):
         full.replace(videomatte_dir=None)
+
+
+def test_stages_run_a_segmentation_pass_every_step():
+    # RVM's / BiMatting's train.py: after every matting step one segmentation pass
+    # (video segmentation on even steps, image segmentation on odd ones).
+    for i in range(1, 5):
+        assert get_config(f"stage{i}", **DATA).seg_every == 1
+    assert TrainConfig().seg_every == 1

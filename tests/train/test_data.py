@@ -189,3 +189,21 @@ def test_item_generator_depends_on_seed_epoch_index():
     draws = {torch.rand(1, generator=item_generator(s, e, i)).item() for s in (0, 1) for e in (0, 1) for i in (0, 1)}
     assert len(draws) == 8
     assert torch.rand(1, generator=item_generator(3, 4, 5)).item() == torch.rand(1, generator=item_generator(3, 4, 5)).item()
+
+
+def test_imagematte_epoch_covers_the_backgrounds_as_in_rvm(tmp_path):
+    # RVM's ImageMatteDataset: len = max(#images, #background images + #background clips),
+    # image idx % #images; with few mattes an epoch is as long as the background set.
+    root = _fake_tree(tmp_path, clips=1)
+    im = tmp_path / "im"
+    for sub in ("fgr", "pha"):
+        os.makedirs(im / sub)
+    write_image(str(im / "fgr" / "a.png"), np.full((30, 30, 3), 200, np.uint8))
+    write_image(str(im / "pha" / "a.png"), np.full((30, 30), 255, np.uint8))
+    backgrounds = Backgrounds(str(root / "bgimg"), str(root / "bgvid"))
+    n_bg = len(backgrounds.images) + len(backgrounds.videos)
+    assert n_bg > 1
+    ds = ImageMatteDataset(str(im), backgrounds, size=16, seq_length=2)
+    assert len(ds) == n_bg
+    fgr, pha, bgr = ds[n_bg - 1]  # wraps around to the only image
+    assert fgr.shape == (2, 3, 16, 16) and pha.shape == (2, 1, 16, 16)

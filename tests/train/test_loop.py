@@ -235,3 +235,21 @@ def test_train_api_runs_and_reports(tmp_path):
     assert result.step == 1 and result.checkpoint == os.path.join(str(tmp_path), "last.pt")
     assert result.initial["pha_mad"] > 0 and result.final["pha_mad"] > 0
     assert set(result.validations) == {0, 1}
+
+
+def test_image_segmentation_batches_hold_batch_times_t_frames(tmp_path):
+    # RVM's train.py: the image-segmentation loader's batch is batch_size_per_gpu * seq_length_lr
+    # single images, the same number of frames as a matting clip batch.
+    rng = np.random.default_rng(0)
+    for sub in ("img", "mask"):
+        os.makedirs(tmp_path / sub)
+    for i in range(8):
+        write_image(str(tmp_path / "img" / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        write_image(str(tmp_path / "mask" / f"{i}.png"), (rng.random((40, 40)) > 0.5).astype(np.uint8) * 255)
+    cfg = get_config(
+        "tiny", out_dir=str(tmp_path / "run"), max_steps=1, seq_length=2, batch_size=2, seg_every=1,
+        seg_image_dir=str(tmp_path / "img"), seg_mask_dir=str(tmp_path / "mask"), val_clips=1, **QUIET,
+    )
+    trainer = Trainer(cfg, log=lambda m: None)
+    img, seg = next(trainer.streams["seg"].batches(0))
+    assert img.shape == (4, 1, 3, 32, 32) and seg.shape == (4, 1, 1, 32, 32)

@@ -133,14 +133,15 @@ def test_matting_loss_masks_foreground_per_pixel_and_backpropagates():
     assert not terms["fgr_l1"].requires_grad  # logged terms are detached
 
 
-def test_coarse_matting_loss_area_averages_targets_and_weights():
+def test_coarse_matting_loss_resizes_targets_and_weights():
     true_pha = torch.zeros(1, 1, 1, 8, 8, dtype=torch.float64)
     true_pha[..., :4] = 1.0
     true_fgr = torch.full((1, 1, 3, 8, 8), 0.5, dtype=torch.float64)
     pred_pha_s = torch.full((1, 1, 1, 2, 2), 0.5, dtype=torch.float64)
     pred_fgr_s = torch.full((1, 1, 3, 2, 2), 0.5, dtype=torch.float64)
     terms = coarse_matting_loss(pred_fgr_s, pred_pha_s, true_fgr, true_pha, weight=0.25)
-    # Targets become [[1, 0], [1, 0]]: L1 0.5; a 2x2 image has no Laplacian band; T = 1:
+    # Targets become [[1, 0], [1, 0]] (bilinear from 8 to 2 samples the middle of each half):
+    # L1 0.5; a 2x2 image has no Laplacian band; T = 1:
     # no coherence; the foreground matches where alpha > 0.
     assert terms["coarse_pha_l1"].item() == pytest.approx(0.25 * 0.5)
     assert terms["coarse_pha_laplacian"].item() == 0.0
@@ -160,3 +161,33 @@ def test_shape_errors_name_the_argument():
         matting_loss(torch.zeros(1, 1, 3, 4, 4), torch.zeros(1, 1, 1, 4, 4), torch.zeros(1, 1, 3, 4, 4), torch.zeros(1, 1, 1, 4, 5))
     with pytest.raises(ValueError, match="seg"):
         segmentation_loss(torch.zeros(2, 1), torch.zeros(1, 2))
+
+
+def test_coarse_matting_loss_follows_bimatting_one_level_laplacian_and_bilinear_targets():
+    # BiMatting's train.py: true_*_s = F.interpolate(true_*, size=coarse, mode='bilinear',
+    # align_corners=False) and matting_loss(pred_*_s, ..., lvl=1)['total'] * 0.25.
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    true_pha = torch.zeros(1, 2, 1, 64, 64, dtype=torch.float64)
+    true_pha[..., 8:40, 12:50] = torch.rand(2, 1, 32, 38, generator=g, dtype=torch.float64)
+    true_fgr = torch.rand(1, 2, 3, 64, 64, generator=g, dtype=torch.float64)
+    pred_pha_s = torch.rand(1, 2, 1, 8, 8, generator=g, dtype=torch.float64)
+    pred_fgr_s = torch.rand(1, 2, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    def small(x):
+        return F.interpolate(x.flatten(0, 1), size=(8, 8), mode="bilinear", align_corners=False).unflatten(0, x.shape[:2])
+
+    tp, tf = small(true_pha), small(true_fgr)
+    band = lambda x: laplacian_pyramid(x.flatten(0, 1), levels=1)[0]  # noqa: E731
+    m = (tp > 0).double()
+    expected = (
+        (pred_pha_s - tp).abs().mean()
+        + (band(pred_pha_s) - band(tp)).abs().mean()  # one level: weight 2**0, divided by 1
+        + 5 * temporal_coherence_loss(pred_pha_s, tp)
+        + (pred_fgr_s * m - tf * m).abs().mean()
+        + 5 * temporal_coherence_loss(pred_fgr_s * m, tf * m)
+    ) * 0.25
+    terms = coarse_matting_loss(pred_fgr_s, pred_pha_s, true_fgr, true_pha, weight=0.25)
+    assert terms["coarse_total"].item() == pytest.approx(expected.item(), rel=1e-12)
+    assert terms["coarse_pha_laplacian"].item() == pytest.approx(0.25 * (band(pred_pha_s) - band(tp)).abs().mean().item())
