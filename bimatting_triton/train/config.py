@@ -110,6 +110,7 @@ class TrainConfig:
     synthetic_length: int = 2000  # clips per epoch of the synthetic dataset
     num_workers: int = 2
     augment: bool = True  # motion / colour / crop augmentation (real datasets; optional on synthetic)
+    random_crop: bool = True  # RVM's per-batch crop: sides drawn in [S/2, S), multiples of 16 (data.random_batch_crop)
     # ---- model and optimisation
     refiner: str = "deep_guided_filter"
     lr_backbone: float = 1e-4
@@ -237,7 +238,7 @@ _STAGES: dict[str, dict[str, Any]] = {
 # 2-core machine OpenMP oversubscription slows steps ~10x; --threads 2 helps when idle.
 _DEMO = dict(
     dataset="synthetic", size=64, seq_length=4, batch_size=2, synthetic_length=100_000, augment=False,
-    lr_backbone=2e-3, lr_aspp=2e-3, lr_decoder=2e-3, lr_refiner=0.0, lr_schedule="cosine", seg_every=0,
+    random_crop=False, lr_backbone=2e-3, lr_aspp=2e-3, lr_decoder=2e-3, lr_refiner=0.0, lr_schedule="cosine", seg_every=0,
     epochs=1, max_steps=500, num_workers=0, log_every=50, val_every=0, val_clips=16, val_at_start=True,
     checkpoint_every=250, out_dir="runs/demo", threads=1,
 )
@@ -245,7 +246,7 @@ _DEMO = dict(
 # Seconds-long runs for tests and smoke checks.
 _TINY = dict(
     dataset="synthetic", size=32, seq_length=2, batch_size=1, synthetic_length=64, augment=False,
-    lr_backbone=1e-3, lr_aspp=1e-3, lr_decoder=1e-3, lr_refiner=1e-3, seg_every=2, epochs=1, max_steps=3,
+    random_crop=False, lr_backbone=1e-3, lr_aspp=1e-3, lr_decoder=1e-3, lr_refiner=1e-3, seg_every=2, epochs=1, max_steps=3,
     num_workers=0, log_every=1, val_every=0, val_clips=2, checkpoint_every=1000, out_dir="runs/tiny",
 )
 

@@ -40,6 +40,7 @@ __all__ = [
     "write_image",
     "list_images",
     "composite",
+    "random_batch_crop",
     "item_generator",
     "sample_frame_indices",
     "MattingAugmentation",
@@ -121,6 +122,30 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded by a hash of ``(seed, epoch, index)``."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def random_batch_crop(tensors: Sequence[Tensor], generator: torch.Generator, multiple: int = 16) -> list[Tensor]:
+    """RVM's per-batch multi-scale crop, the same for every tensor of a batch.
+
+    ``tensors``: (B, T, C, H, W) of one H x W. A height in [H/2, H) and a width in [W/2, W)
+    are drawn (rounded down to ``multiple``, as BiMatting's ``train.py``; at least
+    ``multiple``, never more than the side); each frame is resized bilinearly to the square of
+    the larger one and centre-cropped to them. Returns the cropped tensors in order.
+    """
+    h, w = tensors[0].shape[-2:]
+
+    def side(n: int) -> int:
+        drawn = int(torch.randint(n // 2, max(n, n // 2 + 1), (), generator=generator)) // multiple * multiple
+        return min(n, max(multiple, drawn))
+
+    ch, cw = side(h), side(w)
+    square = max(ch, cw)
+    top, left = round((square - ch) / 2), round((square - cw) / 2)  # (torchvision's center_crop)
+    out = []
+    for x in tensors:
+        frames = F.interpolate(x.flatten(0, 1), size=(square, square), mode="bilinear", align_corners=False)
+        out.append(frames[..., top:top + ch, left:left + cw].unflatten(0, x.shape[:2]))
+    return out
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:

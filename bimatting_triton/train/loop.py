@@ -30,7 +30,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed
 from .config import TrainConfig, get_config
-from .data import Backgrounds, ImageMatteDataset, SegmentationDataset, VideoMatteDataset, composite
+from .data import (
+    Backgrounds,
+    ImageMatteDataset,
+    SegmentationDataset,
+    VideoMatteDataset,
+    composite,
+    item_generator,
+    random_batch_crop,
+)
 from .losses import coarse_matting_loss, matting_loss, segmentation_loss
 from .synthetic import SyntheticMatteDataset
 
@@ -160,7 +168,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
 _RUN_DEFINING = (
     "dataset", "videomatte_dir", "imagematte_dir", "background_image_dir", "background_video_dir",
     "seg_image_dir", "seg_mask_dir", "size", "seq_length", "batch_size", "train_hr", "size_hr",
-    "seq_length_hr", "batch_size_hr", "downsample_ratio_hr", "synthetic_length", "augment", "refiner",
+    "seq_length_hr", "batch_size_hr", "downsample_ratio_hr", "synthetic_length", "augment", "random_crop", "refiner",
     "lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "lr_schedule", "grad_clip", "seg_every",
     "coarse_weight", "seed",
 )
@@ -441,9 +449,20 @@ class Trainer:
         self.scaler.update()
         return norm
 
+    _CROP_STREAMS = {"lr": 0, "hr": 1, "seg": 2}
+
+    def _crop(self, tensors, tag: str) -> list[Tensor]:
+        """``random_batch_crop`` when ``cfg.random_crop``, drawn from (seed, step, pass): a resumed
+        run crops its batches as the uninterrupted run would have."""
+        tensors = list(tensors)
+        if not self.cfg.random_crop:
+            return tensors
+        g = item_generator(self.cfg.seed + 3, self.step, self._CROP_STREAMS.get(tag, 3))
+        return random_batch_crop(tensors, g)
+
     def matting_step(self, batch, downsample_ratio: float, tag: str) -> dict[str, float]:
         """One forward/backward/update on a ``(fgr, pha, bgr)`` batch (B, T, C, S, S)."""
-        fgr, pha, bgr = (x.to(self.device, non_blocking=True) for x in batch)
+        fgr, pha, bgr = self._crop((x.to(self.device, non_blocking=True) for x in batch), tag)
         src = composite(fgr, pha, bgr)
         with self._autocast():
             pred_fgr, pred_pha, *_rec, fgr_s, pha_s = self.ddp(src, downsample_ratio=downsample_ratio, return_coarse=True)
@@ -462,7 +481,7 @@ class Trainer:
 
     def segmentation_step(self, img: Tensor, seg: Tensor, tag: str = "seg") -> dict[str, float]:
         """One forward/backward/update of a segmentation pass: ``img`` (B, T, 3, S, S), ``seg`` (B, T, 1, S, S)."""
-        img, seg = img.to(self.device, non_blocking=True), seg.to(self.device, non_blocking=True)
+        img, seg = self._crop((img.to(self.device, non_blocking=True), seg.to(self.device, non_blocking=True)), tag)
         with self._autocast():
             pred_seg, *_rec = self.ddp(img, segmentation_pass=True)
         terms = segmentation_loss(pred_seg.float(), seg)

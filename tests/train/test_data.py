@@ -16,6 +16,7 @@ from bimatting_triton.train.data import (
     composite,
     item_generator,
     motion_matrices,
+    random_batch_crop,
     read_image,
     sample_frame_indices,
     write_image,
@@ -207,3 +208,27 @@ def test_imagematte_epoch_covers_the_backgrounds_as_in_rvm(tmp_path):
     assert len(ds) == n_bg
     fgr, pha, bgr = ds[n_bg - 1]  # wraps around to the only image
     assert fgr.shape == (2, 3, 16, 16) and pha.shape == (2, 1, 16, 16)
+
+
+def test_random_batch_crop_is_rvms_multiscale_crop():
+    # RVM / BiMatting train.py random_crop: h, w drawn in [S/2, S) and rounded down to 16, the
+    # frames resized to the square of the larger and centre-cropped; one crop for the batch.
+    g = torch.Generator().manual_seed(0)
+    fgr, pha = torch.rand(2, 3, 3, 96, 96), torch.rand(2, 3, 1, 96, 96)
+    sizes = set()
+    for _ in range(40):
+        a, b = random_batch_crop([fgr, pha], g)
+        h, w = a.shape[-2:]
+        sizes.add((h, w))
+        assert a.shape[:3] == (2, 3, 3) and b.shape == (2, 3, 1, h, w)
+        assert h % 16 == 0 and w % 16 == 0 and 48 <= h < 96 and 48 <= w < 96
+        side = max(h, w)
+        square = torch.nn.functional.interpolate(pha.flatten(0, 1), size=(side, side), mode="bilinear",
+                                                 align_corners=False)
+        top, left = round((side - h) / 2), round((side - w) / 2)
+        assert torch.equal(b, square[..., top:top + h, left:left + w].unflatten(0, (2, 3)))
+    assert sizes == {(h, w) for h in (48, 64, 80) for w in (48, 64, 80)}  # every size is drawn
+    # the same generator state gives the same crop; sides below 2 * 16 keep at least 16
+    assert torch.equal(random_batch_crop([pha], torch.Generator().manual_seed(5))[0],
+                       random_batch_crop([pha], torch.Generator().manual_seed(5))[0])
+    assert random_batch_crop([torch.rand(1, 1, 1, 20, 8)], g)[0].shape[-2:] == (16, 8)

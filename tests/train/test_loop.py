@@ -253,3 +253,32 @@ def test_image_segmentation_batches_hold_batch_times_t_frames(tmp_path):
     trainer = Trainer(cfg, log=lambda m: None)
     img, seg = next(trainer.streams["seg"].batches(0))
     assert img.shape == (4, 1, 3, 32, 32) and seg.shape == (4, 1, 1, 32, 32)
+
+
+def test_random_crop_is_drawn_per_step_and_pass_and_repeats_on_resume(tmp_path):
+    # cfg.random_crop: every matting and segmentation batch is cropped (random_batch_crop),
+    # from a generator of (seed, step, pass): a resumed run crops as the uninterrupted one.
+    def crops(out_dir, max_steps, resume=None):
+        cfg = get_config("tiny", out_dir=str(tmp_path / out_dir), size=64, max_steps=max_steps, seg_every=1,
+                         random_crop=True, resume=resume, **QUIET)
+        trainer = Trainer(cfg, log=lambda m: None)
+        seen = []
+        forward = trainer.ddp.forward
+
+        def recording(src, *args, **kwargs):
+            if trainer.model.training:  # (validation is not cropped)
+                kind = "seg" if kwargs.get("segmentation_pass") else "matting"
+                seen.append((trainer.step, kind, tuple(src.shape[-2:])))
+            return forward(src, *args, **kwargs)
+
+        trainer.ddp.forward = recording
+        trainer.fit()
+        return seen
+
+    whole = crops("whole", 4)
+    assert [(step, kind) for step, kind, _ in whole] == [(s, k) for s in range(4) for k in ("matting", "seg")]
+    assert all(h in (32, 48) and w in (32, 48) for _, _, (h, w) in whole)  # [64/2, 64), multiples of 16
+    assert len({hw for _, _, hw in whole}) > 1
+    crops("split", 2)
+    resumed = crops("split", 4, resume=str(tmp_path / "split" / "last.pt"))
+    assert resumed == whole[4:]
