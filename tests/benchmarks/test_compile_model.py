@@ -98,6 +98,9 @@ def test_sparse_bench_prebuild_reaches_its_kernels(monkeypatch):
     # outputs unchecked: the kernels only compile there). Here with stand-ins that only note
     # the launches, at a small size: every masked kernel of the bench is reached.
     monkeypatch.syspath_prepend(os.path.dirname(SCRIPT))
+    # compile_model drops TRITON_INTERPRET from the environment when imported (it compiles for
+    # a GPU); the interpreted tests that run after this one in the same process need it back
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     import torch
     from compile_model import pretend_cuda
 
