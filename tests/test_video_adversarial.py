@@ -90,6 +90,7 @@ def test_wrong_types_and_non_finite_numbers_name_the_argument(clip, tmp_path):
         (dict(output_alpha=out, dtype="float16"), TypeError, "dtype"),
         (dict(output_alpha=out, dtype=torch.int32), TypeError, "dtype"),
         (dict(output_alpha=out, device="nonsense"), ValueError, "device"),
+        (dict(output_alpha=out, device="meta"), ValueError, "device 'meta'"),
     ]
     for kwargs, error, message in cases:
         m = FakeMatting()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..devices import usable_device
 from .pipeline import Interrupts, ReaderThread, WriterThread
 from .readers import IMAGE_EXTENSIONS, as_frame_rate, open_source, read_image
 from .writers import ImageSequenceWriter, ImageWriter, VideoWriter, check_encoder, video_format
@@ -250,12 +251,8 @@ def convert_video(model, input_source: str, input_resize: tuple[int, int] | None
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating point torch.dtype (torch.float32, torch.float16, "
                         f"torch.bfloat16) or None, got {dtype!r}")
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {e}") \
-                from None
+    if device is not None:  # the library's one device check (not a device, CUDA absent, meta ...)
+        device = usable_device(device, "device")
     if not isinstance(input_source, (str, os.PathLike)):
         raise TypeError(f"input_source must be a path, got {type(input_source).__name__}")
     input_source = os.fspath(input_source)
