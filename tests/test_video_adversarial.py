@@ -62,7 +62,7 @@ def test_png_sequence_output_that_is_a_symlink(clip, tmp_path):
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "to_real")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
-    for name in ("to_real", "dangling"):
+    for name in ("to_real", "dangling", "to_real/", "to_real/.", "dangling/"):  # (a trailing / names the link too)
         m = FakeMatting()
         with pytest.raises(FileExistsError, match="output_alpha .*symbolic link"):
             convert_video(m, clip, output_type="png_sequence", output_alpha=str(tmp_path / name), progress=False)
@@ -91,6 +91,7 @@ def test_wrong_types_and_non_finite_numbers_name_the_argument(clip, tmp_path):
         (dict(output_alpha=out, dtype=torch.int32), TypeError, "dtype"),
         (dict(output_alpha=out, device="nonsense"), ValueError, "device"),
         (dict(output_alpha=out, device="meta"), ValueError, "device 'meta'"),
+        (dict(output_composition=out, background=(0, float("nan"), 0)), ValueError, "background"),
     ]
     for kwargs, error, message in cases:
         m = FakeMatting()
@@ -140,6 +141,7 @@ def test_numpy_numbers_are_taken(clip, tmp_path):
     m = FakeMatting()
     out = str(tmp_path / "a.mp4")
     convert_video(m, clip, output_alpha=out, downsample_ratio=np.float32(0.5), seq_chunk=np.int64(2),
-                  num_workers=np.int64(0), output_video_mbps=np.float32(2), progress=False)
+                  num_workers=np.int64(0), output_video_mbps=np.float32(2), progress=False,
+                  background=(np.uint8(0), np.float32(255), np.int64(0)))
     assert os.path.exists(out)
     assert [(t, type(ratio)) for t, _, ratio, _ in m.calls] == [(2, float), (1, float)]  # 3 frames, chunks of 2

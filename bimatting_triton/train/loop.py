@@ -174,11 +174,16 @@ _RUN_DEFINING = (
 )
 
 
+# What a run-defining field added later amounts to in a checkpoint saved before it existed.
+_BEFORE_FIELDS = {"random_crop": False}
+
+
 def _warn_on_changed_settings(saved: dict | None, cfg: TrainConfig, path: str) -> None:
     """Warn (once, naming each field) when a resume changes a setting that defines the run."""
     if not saved:
         return
     ours = cfg.to_dict()
+    saved = {**_BEFORE_FIELDS, **saved}  # a checkpoint older than a field ran without it
     changed = [f"{k} {saved[k]!r} -> {ours[k]!r}" for k in _RUN_DEFINING if k in saved and saved[k] != ours[k]]
     if changed:
         warnings.warn(

@@ -47,7 +47,7 @@ def _check_number(name: str, value, low: float, high: float | None = None, integ
     ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
     if isinstance(value, bool) or not ok_type:
         raise TypeError(f"{name} must be {kind}, got {value!r}")
-    if not math.isfinite(value):
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = value < low if low_inclusive else value <= low
     if too_low or (high is not None and value > high):
@@ -70,7 +70,7 @@ def _inside(path: str, folder: str) -> bool:
 def _check_output_path(name: str, path: str, input_source: str, folder_output: bool) -> None:
     if _same_file(path, input_source):
         raise ValueError(f"{name} {path!r} is the input file itself; choose another path")
-    if folder_output and os.path.islink(path):
+    if folder_output and os.path.islink(os.path.abspath(path)):  # (abspath: "link/" is the link too)
         raise FileExistsError(
             f"{name} {path!r} is a symbolic link; a PNG sequence is written into a new (or empty) "
             f"folder: give that folder's own path")
@@ -112,7 +112,7 @@ def _parse_background(background, height: int, width: int, device, dtype) -> tor
         raise TypeError(f"background must be None, an (R, G, B) colour with 0-255 values or an "
                         f"image path, got {background!r}")
     for c in background:
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 255:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 <= c <= 255:  # (NaN fails too)
             raise ValueError(f"background colour values must be numbers in 0..255, got {background!r}")
     return torch.tensor([float(c) for c in background], device=device, dtype=dtype) \
         .div(255).view(1, 1, 3, 1, 1)

@@ -282,3 +282,22 @@ def test_random_crop_is_drawn_per_step_and_pass_and_repeats_on_resume(tmp_path):
     crops("split", 2)
     resumed = crops("split", 4, resume=str(tmp_path / "split" / "last.pt"))
     assert resumed == whole[4:]
+
+
+def test_resume_of_a_checkpoint_older_than_random_crop_warns_when_it_is_on(runs, tmp_path):
+    # A checkpoint saved before the random_crop field trained without the crop.
+    import warnings
+
+    _, _, _, root = runs
+    saved = torch.load(str(root / "a" / "last.pt"), weights_only=False)
+    del saved["config"]["random_crop"]
+    old = str(tmp_path / "old.pt")
+    torch.save(saved, old)
+    on = Trainer(get_config("tiny", out_dir=str(tmp_path / "on"), random_crop=True, max_steps=9, **QUIET),
+                 log=lambda m: None)
+    with pytest.warns(UserWarning, match=r"random_crop False -> True"):
+        on._resume(old)
+    off = Trainer(get_config("tiny", out_dir=str(tmp_path / "off"), max_steps=9, **QUIET), log=lambda m: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        off._resume(old)
