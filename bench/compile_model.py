@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.bench_kernels:
         rows = compile_bench_kernels(args.arch)
-    elif args.bench_sparse:
+    elif args.bench_sparse is not None:
         rows = compile_bench_sparse(args.bench_sparse, args.arch)
     else:
         rows = compile_model(args.size, args.frames, args.arch, args.float64,
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     failed = [r for r in rows if r["error"]]
     spilled = [r for r in rows if not r["error"] and (r["spill_stores"] or r["spill_loads"])]
     total = sum(r["compile_s"] for r in rows)
-    launches = f"{sum(r['launches'] for r in rows)} launches" + ("" if args.bench_kernels or args.bench_sparse else " in three calls")
+    launches = f"{sum(r['launches'] for r in rows)} launches" + ("" if args.bench_kernels or args.bench_sparse is not None else " in three calls")
     print(f"{len(rows)} specialisations, {launches}; compiled in {total:.1f} s here (triton {triton.__version__}, "
           f"one process, cold cache needs TRITON_CACHE_DIR empty); {len(failed)} failed, {len(spilled)} spill")
     if args.check and (failed or spilled):

@@ -43,6 +43,7 @@ printf 'tests/test_cuda_graph.py (its fused model, CUDA only): '
 printf 'bench/kernels.py (packed-dot, masked units): '
 "${compile_env[@]}" "$py" bench/compile_model.py --bench-kernels | tail -1
 sparse_densities=$(sed -n 's/^SPARSE_DENSITIES="\(.*\)"$/\1/p' bench/gpu_session.sh)
+[ -n "$sparse_densities" ] || { echo "no SPARSE_DENSITIES=\"...\" line in bench/gpu_session.sh" >&2; exit 1; }
 printf 'bench/sparse.py --densities %s: ' "$sparse_densities"
 "${compile_env[@]}" "$py" bench/compile_model.py --bench-sparse "$sparse_densities" | tail -1
 if [ "${TESTS:-1}" != 0 ]; then

@@ -58,16 +58,17 @@ def capture(forward: Callable[[], Sequence[Tensor]], example: Tensor, pool=None)
     tensor of the step, whose device must be CUDA. ``pool``: a graph memory pool to share.
     """
     _check_device(example)
-    side = torch.cuda.Stream(example.device)
-    side.wait_stream(torch.cuda.current_stream(example.device))
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream(example.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads may use CUDA meanwhile (convert_video's encoder threads
-    # copy earlier results to the host while the main thread captures).
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        outputs = list(forward())
+    with current_cuda_device(example.device):  # (torch.cuda.graph captures on the current device)
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads may use CUDA meanwhile (convert_video's encoder threads
+        # copy earlier results to the host while the main thread captures).
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = list(forward())
     return graph, outputs
 
 
@@ -127,9 +128,9 @@ class CudaGraphStep(nn.Module):
         if not isinstance(src, Tensor):
             raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
         _check_device(src)
-        if not rec or any(r is None for r in rec):
-            return self.model(src, *rec, **kwargs)  # a stream's first call: shapes of the states unknown
-        with current_cuda_device(src.device):  # graphs capture and replay on the current device
+        with current_cuda_device(src.device):  # Triton launches and graphs go to the current device
+            if not rec or any(r is None for r in rec):
+                return self.model(src, *rec, **kwargs)  # a stream's first call: shapes of the states unknown
             return self._step(src, rec, kwargs, downsample_ratio, segmentation_pass)
 
     def _step(self, src: Tensor, rec: tuple[Tensor, ...], kwargs: dict, downsample_ratio, segmentation_pass):

@@ -50,7 +50,10 @@ def current_cuda_device(device: torch.device):
     device, whatever device the tensors are on: a model on ``cuda:1`` while ``cuda:0`` is
     current would launch on the wrong GPU. PyTorch's own operators switch devices themselves.
     A no-op context for other devices, on a machine with one GPU, and under ``torch.compile``
-    (whose generated code sets the device itself).
+    (whose generated code sets the device itself). Used around ``BiMatting.forward``,
+    ``CudaGraphStep`` and ``capture``; another model converted with ``convert`` (its
+    ``PackedBiConv2d`` s launch the kernels from its own forward) needs
+    ``with torch.cuda.device(x.device):`` around its call when its GPU is not the current one.
     """
     if (device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.device_count() < 2
             or device.index is None or device.index == torch.cuda.current_device()):

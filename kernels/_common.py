@@ -70,9 +70,10 @@ def note_compiled(name: str, tile: dict, compiled) -> None:
     KERNEL_STATS[(name, label)] = {"n_regs": int(regs), "n_spills": int(spills or 0)}
 
 
-# The kernels number the pixels of a launch (n*H*W + h*W + w) in int32, and widen to int64 only
-# for memory offsets: one launch takes fewer than 2**31 pixels, less a margin for the last
-# program's block, which runs past the end before its mask is applied.
+# The dense kernels (sign + pack, packed conv) number the pixels of a launch (n*H*W + h*W + w)
+# in int32, and widen to int64 only for memory offsets: one launch takes fewer than 2**31
+# pixels, less a margin for the last program's block, which runs past the end before its mask
+# is applied. (The plain-PyTorch references have no such limit.)
 MAX_PIXELS = 2**31 - 2**16
 
 

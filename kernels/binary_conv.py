@@ -118,7 +118,6 @@ def _check_conv_args(x, weight) -> tuple[int, int, int, int, int, int]:
     ho, wo = weight.output_size(h, w)
     if ho < 1 or wo < 1:
         raise ValueError(f"x's spatial size {(h, w)} is too small for kernel {weight.kernel_size}")
-    check_pixel_count(n, max(h, ho), max(w, wo), "x")  # (the output is x's size or smaller)
     return n, c, h, w, ho, wo
 
 
@@ -490,6 +489,7 @@ def binary_conv2d(
     if not triton_can_run(x.bits) or (interpreting() and p is not None and p.out_dtype == torch.bfloat16):
         # (Triton's interpreter has no bf16 arithmetic: it would compare raw bits.)
         return binary_conv2d_reference(x, weight, epilogue)
+    check_pixel_count(n, max(h, ho), max(w, wo), "x")  # (the launch numbers x's and the output's pixels)
 
     code = 1 if method == "popcount" else 0
     m = n * ho * wo

@@ -279,8 +279,6 @@ def _sources(x, layout: str) -> tuple[list[Tensor], Tensor | None]:
     views, gate = _source_views(x, layout)
     if sum(v.shape[1] for v in views) == 0:
         raise ValueError("x must have at least one channel")
-    n, _, h, w = views[0].shape
-    check_pixel_count(n, h, w, "x")
     return views, gate
 
 
@@ -513,6 +511,7 @@ def _launch_sign_pack(sources: list[Tensor], gate: Tensor | None, biases: list) 
     """One kernel launch packing ``sign(cat(sources) + b)`` for each of the one or two
     ``biases``; ``sources``: 1 to 3 NCHW tensors checked by :func:`_sources`, the last one
     multiplied by ``gate`` if given."""
+    check_pixel_count(sources[0].shape[0], sources[0].shape[2], sources[0].shape[3], "x")  # (numbered in int32)
     if interpreting() and sources[0].dtype == torch.bfloat16:
         # The interpreter compares bf16 as raw integers; widening is exact, but a product
         # must first be rounded to bf16 as torch rounds it.

@@ -592,8 +592,9 @@ def sparse_float_conv2d_reference(
     _check_float_conv_args(x, weight, scale, shift, act, out, mask, addend, tiles)
     cd = scale.dtype
     cout = weight.shape[0]
-    # the weight rounded to x's dtype first, as the kernel reads it
-    y = F.conv2d(x.to(cd), weight.to(x.dtype).to(cd), padding=weight.shape[2] // 2) * scale.reshape(1, cout, 1, 1).to(cd)
+    # the weight rounded to the dtype the kernel reads it in
+    wd = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # (the kernel widens bf16 x to float32 first)
+    y = F.conv2d(x.to(cd), weight.to(wd).to(cd), padding=weight.shape[2] // 2) * scale.reshape(1, cout, 1, 1).to(cd)
     if shift is not None:
         y = y + shift.reshape(1, cout, 1, 1).to(cd)
     y = {None: lambda v: v, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act](y)

@@ -102,6 +102,8 @@ def test_sparse_bench_prebuild_reaches_its_kernels(monkeypatch):
     # a GPU); the interpreted tests that run after this one in the same process need it back
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     import torch
+
+    import bimatting_triton.kernels  # noqa: F401  (first, interpreted: compile_model would import it compiled)
     from compile_model import pretend_cuda
 
     import sparse as bench_sparse

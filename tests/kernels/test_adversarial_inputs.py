@@ -713,6 +713,18 @@ def test_more_pixels_than_a_launch_can_number_is_refused():
     weight = pack_weight(torch.randn(4, 3, 3, 3, device=DEVICE), stride=2, padding=1)
     with pytest.raises(ValueError, match="split the batch"):
         binary_conv2d(big, weight)
+    # the references number nothing in int32: with the bound lowered, they still run
+    import bimatting_triton.kernels._common as common
+    small = torch.randn(2, 3, 4, 4, device=DEVICE)
+    original = common.MAX_PIXELS
+    common.MAX_PIXELS = 16
+    try:
+        assert sign_pack_reference(small).shape == (2, 3, 4, 4)
+        assert binary_conv2d_reference(sign_pack_reference(small), weight).shape == (2, 4, 2, 2)
+        with pytest.raises(ValueError, match="split the batch"):
+            sign_pack(small)
+    finally:
+        common.MAX_PIXELS = original
     # the bound itself: MAX_PIXELS is taken, one more is not
     check_pixel_count(1, 1, MAX_PIXELS, "x")
     with pytest.raises(ValueError, match="split the batch"):
