@@ -168,13 +168,19 @@ def test_dataset_layout_errors(tmp_path):
         Backgrounds(None, None)
 
 
-def test_imagematte_and_segmentation_datasets(tmp_path):
-    root = _fake_tree(tmp_path, clips=1)
+def _one_image_matte(tmp_path):
+    """An ImageMatte folder (fgr/, pha/) holding one 30x30 image."""
     im = tmp_path / "im"
     for sub in ("fgr", "pha"):
         os.makedirs(im / sub)
     write_image(str(im / "fgr" / "a.png"), np.full((30, 30, 3), 200, np.uint8))
     write_image(str(im / "pha" / "a.png"), np.full((30, 30), 255, np.uint8))
+    return im
+
+
+def test_imagematte_and_segmentation_datasets(tmp_path):
+    root = _fake_tree(tmp_path, clips=1)
+    im = _one_image_matte(tmp_path)
     ds = ImageMatteDataset(str(im), Backgrounds(str(root / "bgimg")), size=16, seq_length=3)
     fgr, pha, bgr = ds[0]
     assert fgr.shape == (3, 3, 16, 16) and pha.shape == (3, 1, 16, 16)
@@ -196,11 +202,7 @@ def test_imagematte_epoch_covers_the_backgrounds_as_in_rvm(tmp_path):
     # RVM's ImageMatteDataset: len = max(#images, #background images + #background clips),
     # image idx % #images; with few mattes an epoch is as long as the background set.
     root = _fake_tree(tmp_path, clips=1)
-    im = tmp_path / "im"
-    for sub in ("fgr", "pha"):
-        os.makedirs(im / sub)
-    write_image(str(im / "fgr" / "a.png"), np.full((30, 30, 3), 200, np.uint8))
-    write_image(str(im / "pha" / "a.png"), np.full((30, 30), 255, np.uint8))
+    im = _one_image_matte(tmp_path)
     backgrounds = Backgrounds(str(root / "bgimg"), str(root / "bgvid"))
     n_bg = len(backgrounds.images) + len(backgrounds.videos)
     assert n_bg > 1

@@ -208,18 +208,22 @@ def test_evaluate_hand_checkable_mad():
     assert zero["pha_dtssd"] > 0 and set(zero) == {"pha_mad", "pha_mse", "pha_grad", "pha_dtssd", "fgr_mad"}
 
 
-def test_high_resolution_and_segmentation_folder_steps(tmp_path):
-    # Segmentation data from folders; a high-resolution pass through the refiner.
+def _segmentation_folders(root, count: int) -> dict:
+    """``count`` random 40x40 images and binary masks in root/img, root/mask: the seg_* settings."""
     rng = np.random.default_rng(0)
     for sub in ("img", "mask"):
-        os.makedirs(tmp_path / sub)
-    for i in range(2):
-        write_image(str(tmp_path / "img" / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-        write_image(str(tmp_path / "mask" / f"{i}.png"), (rng.random((40, 40)) > 0.5).astype(np.uint8) * 255)
+        os.makedirs(root / sub)
+    for i in range(count):
+        write_image(str(root / "img" / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        write_image(str(root / "mask" / f"{i}.png"), (rng.random((40, 40)) > 0.5).astype(np.uint8) * 255)
+    return dict(seg_image_dir=str(root / "img"), seg_mask_dir=str(root / "mask"))
+
+
+def test_high_resolution_and_segmentation_folder_steps(tmp_path):
+    # Segmentation data from folders; a high-resolution pass through the refiner.
     cfg = get_config(
         "tiny", out_dir=str(tmp_path / "run"), max_steps=1, seg_every=1, train_hr=True, size_hr=64, seq_length_hr=1,
-        downsample_ratio_hr=0.5, seg_image_dir=str(tmp_path / "img"), seg_mask_dir=str(tmp_path / "mask"),
-        grad_clip=1.0, val_clips=1, **QUIET,
+        downsample_ratio_hr=0.5, grad_clip=1.0, val_clips=1, **_segmentation_folders(tmp_path, 2), **QUIET,
     )
     logged = []
     trainer = Trainer(cfg, log=logged.append)
@@ -240,15 +244,9 @@ def test_train_api_runs_and_reports(tmp_path):
 def test_image_segmentation_batches_hold_batch_times_t_frames(tmp_path):
     # RVM's train.py: the image-segmentation loader's batch is batch_size_per_gpu * seq_length_lr
     # single images, the same number of frames as a matting clip batch.
-    rng = np.random.default_rng(0)
-    for sub in ("img", "mask"):
-        os.makedirs(tmp_path / sub)
-    for i in range(8):
-        write_image(str(tmp_path / "img" / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-        write_image(str(tmp_path / "mask" / f"{i}.png"), (rng.random((40, 40)) > 0.5).astype(np.uint8) * 255)
     cfg = get_config(
         "tiny", out_dir=str(tmp_path / "run"), max_steps=1, seq_length=2, batch_size=2, seg_every=1,
-        seg_image_dir=str(tmp_path / "img"), seg_mask_dir=str(tmp_path / "mask"), val_clips=1, **QUIET,
+        val_clips=1, **_segmentation_folders(tmp_path, 8), **QUIET,
     )
     trainer = Trainer(cfg, log=lambda m: None)
     img, seg = next(trainer.streams["seg"].batches(0))
