@@ -701,7 +701,7 @@ def test_sparse_float_conv_variants(case):
 # ========================================================================================
 # Launch size: pixels are numbered in int32 (kernels/_common.py: MAX_PIXELS)
 # ========================================================================================
-def test_more_pixels_than_a_launch_can_number_is_refused():
+def test_more_pixels_than_a_launch_can_number_is_refused(monkeypatch):
     # stride-0 views: 2**16 x 256 x 256 = 2**32 pixels without the memory
     x = torch.zeros(1, 3, 1, 1, device=DEVICE).expand(2**16, 3, 256, 256)
     with pytest.raises(ValueError, match=r"x has N\*H\*W = 65536\*256\*256 = 4294967296 pixels.*split the batch"):
@@ -716,15 +716,12 @@ def test_more_pixels_than_a_launch_can_number_is_refused():
     # the references number nothing in int32: with the bound lowered, they still run
     import bimatting_triton.kernels._common as common
     small = torch.randn(2, 3, 4, 4, device=DEVICE)
-    original = common.MAX_PIXELS
-    common.MAX_PIXELS = 16
-    try:
-        assert sign_pack_reference(small).shape == (2, 3, 4, 4)
-        assert binary_conv2d_reference(sign_pack_reference(small), weight).shape == (2, 4, 2, 2)
-        with pytest.raises(ValueError, match="split the batch"):
-            sign_pack(small)
-    finally:
-        common.MAX_PIXELS = original
+    monkeypatch.setattr(common, "MAX_PIXELS", 16)
+    assert sign_pack_reference(small).shape == (2, 3, 4, 4)
+    assert binary_conv2d_reference(sign_pack_reference(small), weight).shape == (2, 4, 2, 2)
+    with pytest.raises(ValueError, match="split the batch"):
+        sign_pack(small)
+    monkeypatch.undo()
     # the bound itself: MAX_PIXELS is taken, one more is not
     check_pixel_count(1, 1, MAX_PIXELS, "x")
     with pytest.raises(ValueError, match="split the batch"):
