@@ -22,6 +22,7 @@ from .data import (
 from .losses import coarse_matting_loss, laplacian_loss, matting_loss, segmentation_loss, temporal_coherence_loss
 from .loop import Trainer, TrainResult, evaluate, load_checkpoint, save_checkpoint, train
 from .synthetic import SyntheticMatteDataset, render_clip
+from .youtubevis import YouTubeVISDataset, decode_rle
 
 __all__ = [
     "CONFIGS",
@@ -34,6 +35,8 @@ __all__ = [
     "SegmentationDataset",
     "VideoMatteDataset",
     "SyntheticMatteDataset",
+    "YouTubeVISDataset",
+    "decode_rle",
     "composite",
     "render_clip",
     "sample_frame_indices",

@@ -3,8 +3,9 @@
 One *step* takes one low-resolution matting batch (``downsample_ratio=1``, plus the
 coarse-output loss); with ``train_hr`` also one high-resolution batch through the refiner
 (``downsample_ratio_hr``); and every ``seg_every`` steps one segmentation batch (BCE on
-the ``segmentation_pass`` logits). Each of these passes is its own forward, backward and
-optimizer step, as in Robust Video Matting's trainer.
+the ``segmentation_pass`` logits: YouTube-VIS clips and images in turn when both are
+given, else the one given, else the matting clip thresholded at alpha 0.5). Each of these
+passes is its own forward, backward and optimizer step, as in Robust Video Matting's trainer.
 
 Data order is a pure function of ``(seed, epoch, position)``, so a resumed run continues
 with exactly the batches it would have seen (the sampler skips the consumed ones).
@@ -41,6 +42,7 @@ from .data import (
 )
 from .losses import coarse_matting_loss, matting_loss, segmentation_loss
 from .synthetic import SyntheticMatteDataset
+from .youtubevis import YouTubeVISDataset
 
 __all__ = [
     "TrainResult",
@@ -133,8 +135,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
 def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
     """The datasets a config trains and validates on.
 
-    Returns ``{'train': ..., 'val': ...}`` plus ``'train_hr'`` when ``cfg.train_hr`` and
-    ``'seg'`` when segmentation folders are given. Validation uses ``val_videomatte_dir``
+    Returns ``{'train': ..., 'val': ...}`` plus ``'train_hr'`` when ``cfg.train_hr``,
+    ``'seg'`` when image segmentation folders are given and ``'seg_video'`` when YouTube-VIS is. Validation uses ``val_videomatte_dir``
     when given, otherwise held-out synthetic clips (another seed, no augmentation).
     """
     out: dict[str, Dataset] = {}
@@ -154,6 +156,10 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
         out["train_hr"] = matting(cfg.size_hr, cfg.seq_length_hr)
     if cfg.seg_image_dir:
         out["seg"] = SegmentationDataset(cfg.seg_image_dir, cfg.seg_mask_dir, cfg.size, augment=cfg.augment, seed=cfg.seed)
+    if cfg.seg_video_dir:
+        out["seg_video"] = YouTubeVISDataset(
+            cfg.seg_video_dir, cfg.seg_video_annotations, cfg.size, cfg.seq_length, augment=cfg.augment, seed=cfg.seed
+        )
     val_size, val_t = cfg.val_size or cfg.size, cfg.val_seq_length or cfg.seq_length
     if cfg.val_videomatte_dir:
         out["val"] = VideoMatteDataset(cfg.val_videomatte_dir, backgrounds, val_size, val_t, augment=False, seed=cfg.seed)
@@ -167,7 +173,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
 # epochs, logging, validation or the output folder may change freely).
 _RUN_DEFINING = (
     "dataset", "videomatte_dir", "imagematte_dir", "background_image_dir", "background_video_dir",
-    "seg_image_dir", "seg_mask_dir", "size", "seq_length", "batch_size", "train_hr", "size_hr",
+    "seg_image_dir", "seg_mask_dir", "seg_video_dir", "seg_video_annotations", "size", "seq_length", "batch_size", "train_hr", "size_hr",
     "seq_length_hr", "batch_size_hr", "downsample_ratio_hr", "synthetic_length", "augment", "random_crop", "refiner",
     "lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "lr_schedule", "grad_clip", "seg_every",
     "coarse_weight", "seed",
@@ -359,6 +365,11 @@ class Trainer:
             self.streams["seg"] = _Stream(
                 self.datasets["seg"], cfg.batch_size * cfg.seq_length, self.info, cfg.seed + 2, cfg.num_workers, "seg"
             )
+        if "seg_video" in self.datasets:
+            # Video segmentation batches are clips like the matting batches (seed + 3 draws the crops).
+            self.streams["seg_video"] = _Stream(
+                self.datasets["seg_video"], cfg.batch_size, self.info, cfg.seed + 4, cfg.num_workers, "seg_video"
+            )
         per_epoch = self.streams["train"].per_epoch
         self.total_steps = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.step = 0
@@ -454,7 +465,7 @@ class Trainer:
         self.scaler.update()
         return norm
 
-    _CROP_STREAMS = {"lr": 0, "hr": 1, "seg": 2}
+    _CROP_STREAMS = {"lr": 0, "hr": 1, "seg": 2, "seg_video": 4}
 
     def _crop(self, tensors, tag: str) -> list[Tensor]:
         """``random_batch_crop`` when ``cfg.random_crop``, drawn from (seed, step, pass): a resumed
@@ -483,6 +494,22 @@ class Trainer:
         if norm is not None:
             out[f"{tag}/grad_norm"] = norm
         return out
+
+    def _segmentation_streams(self) -> list[str]:
+        return [k for k in ("seg_video", "seg") if k in self.streams]
+
+    def segmentation_kind(self, n: int) -> str | None:
+        """The stream of segmentation pass ``n`` (0, 1, ...): with both kinds of data, video clips
+        (``'seg_video'``) for even ``n`` and images (``'seg'``) for odd ``n``, as RVM's and
+        BiMatting's ``train.py``; the one kind given otherwise; None without segmentation data."""
+        kinds = self._segmentation_streams()
+        return kinds[n % len(kinds)] if kinds else None
+
+    def segmentation_passes_before(self, step: int) -> dict[str, int]:
+        """Batches each segmentation stream has given before ``step`` (passes at steps 0, k, 2k, ...)."""
+        passes = -(-step // self.cfg.seg_every) if self.cfg.seg_every else 0
+        kinds = self._segmentation_streams()
+        return {kind: (passes - i + len(kinds) - 1) // len(kinds) for i, kind in enumerate(kinds)}
 
     def segmentation_step(self, img: Tensor, seg: Tensor, tag: str = "seg") -> dict[str, float]:
         """One forward/backward/update of a segmentation pass: ``img`` (B, T, 3, S, S), ``seg`` (B, T, 1, S, S)."""
@@ -538,8 +565,8 @@ class Trainer:
         )
         if cfg.val_at_start and self.step == 0:
             self.result.initial = self.validate()
-        # Batches already consumed: one per step, and one per seg_every steps (steps 0, k, 2k, ...).
-        done = {"train": self.step, "train_hr": self.step, "seg": -(-self.step // max(cfg.seg_every, 1))}
+        # Batches already consumed: one per step, and one per segmentation pass of its kind.
+        done = {"train": self.step, "train_hr": self.step, **self.segmentation_passes_before(self.step)}
         streams = {name: s.batches(done[name]) for name, s in self.streams.items()}
         running: dict[str, list[float]] = {}  # name -> [sum, count] since the last log line
         n_running, t0 = 0, time.perf_counter()
@@ -549,12 +576,13 @@ class Trainer:
             if "train_hr" in streams:
                 values.update(self.matting_step(next(streams["train_hr"]), cfg.downsample_ratio_hr, "hr"))
             if cfg.seg_every and self.step % cfg.seg_every == 0:
-                if "seg" in streams:
-                    img, seg = next(streams["seg"])
+                kind = self.segmentation_kind(self.step // cfg.seg_every)
+                if kind is not None:
+                    img, seg = next(streams[kind])
                 else:  # no segmentation data: the matting clip, target alpha >= 0.5
                     fgr, pha, bgr = batch
                     img, seg = composite(fgr, pha, bgr), (pha >= 0.5).float()
-                values.update(self.segmentation_step(img, seg))
+                values.update(self.segmentation_step(img, seg, kind or "seg"))
             self.step += 1
             for k, v in values.items():
                 acc = running.setdefault(k, [0.0, 0])

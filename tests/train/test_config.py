@@ -36,6 +36,10 @@ def test_config_errors_name_the_field(tmp_path):
         TrainConfig(seq_length=0)
     with pytest.raises(ValueError, match="grad_clip"):
         TrainConfig(grad_clip=-1.0)
+    with pytest.raises(ValueError, match="seg_image_dir / seg_mask_dir"):
+        TrainConfig(seg_image_dir="img")
+    with pytest.raises(ValueError, match="seg_video_dir / seg_video_annotations"):
+        TrainConfig(seg_video_annotations="instances.json")
 
 
 @pytest.mark.parametrize(

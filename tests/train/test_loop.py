@@ -11,6 +11,7 @@ from bimatting_triton.train.config import get_config
 from bimatting_triton.train.data import write_image
 from bimatting_triton.train.loop import Trainer, evaluate, load_checkpoint, param_groups, train
 from bimatting_triton.train.synthetic import SyntheticMatteDataset
+from youtubevis_utils import make_youtubevis
 
 # One thread: on a loaded 2-core machine OpenMP oversubscription makes steps ~10x slower.
 QUIET = dict(log_every=1000, threads=1)
@@ -251,6 +252,36 @@ def test_image_segmentation_batches_hold_batch_times_t_frames(tmp_path):
     trainer = Trainer(cfg, log=lambda m: None)
     img, seg = next(trainer.streams["seg"].batches(0))
     assert img.shape == (4, 1, 3, 32, 32) and seg.shape == (4, 1, 1, 32, 32)
+
+
+def test_video_and_image_segmentation_passes_alternate_and_resume(tmp_path):
+    # RVM's and BiMatting's train.py: YouTube-VIS clips on even steps, images on odd steps;
+    # a resumed run takes the batches of each kind the uninterrupted run would have taken.
+    frames_dir, annotations = make_youtubevis(tmp_path)
+    data = dict(seg_video_dir=frames_dir, seg_video_annotations=annotations, **_segmentation_folders(tmp_path, 8))
+
+    def passes(out_dir, max_steps, resume=None):
+        cfg = get_config("tiny", out_dir=str(tmp_path / out_dir), max_steps=max_steps, seg_every=1, seq_length=2,
+                         val_clips=1, resume=resume, **data, **QUIET)
+        trainer = Trainer(cfg, log=lambda m: None)
+        seen = []
+        step = trainer.segmentation_step
+
+        def recording(img, seg, tag="seg"):
+            seen.append((trainer.step, tag, tuple(img.shape), float(img.sum()), float(seg.sum())))
+            return step(img, seg, tag)
+
+        trainer.segmentation_step = recording
+        trainer.fit()
+        return seen
+
+    whole = passes("whole", 5)
+    assert [(s, tag) for s, tag, *_ in whole] == [(0, "seg_video"), (1, "seg"), (2, "seg_video"), (3, "seg"), (4, "seg_video")]
+    assert whole[0][2] == (1, 2, 3, 32, 32) and whole[1][2] == (2, 1, 3, 32, 32)  # B clips of T; B*T images
+    history = open(tmp_path / "whole" / "log.jsonl").read()
+    assert '"seg_video/seg_bce"' in history and '"seg/seg_bce"' in history
+    passes("split", 3)
+    assert passes("split", 5, resume=str(tmp_path / "split" / "last.pt")) == whole[3:]
 
 
 def test_random_crop_is_drawn_per_step_and_pass_and_repeats_on_resume(tmp_path):
