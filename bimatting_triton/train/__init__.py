@@ -9,6 +9,7 @@ or ``python -m bimatting_triton.train --config demo`` (``torchrun --nproc_per_no
 bimatting_triton.train ...`` for DDP). Checkpoints (``<out_dir>/last.pt``) load with
 ``BiMatting.from_pretrained``.
 """
+from .coco_panoptic import CocoPanopticDataset
 from .config import CONFIGS, TrainConfig, config_names, get_config
 from .data import (
     Backgrounds,
@@ -36,6 +37,7 @@ __all__ = [
     "VideoMatteDataset",
     "SyntheticMatteDataset",
     "YouTubeVISDataset",
+    "CocoPanopticDataset",
     "decode_rle",
     "composite",
     "render_clip",

@@ -14,7 +14,8 @@ stage4     ImageMatte        + 2048 px, T = 6, downsample 0.25      1e-5 / 1e-5 
 Every stage uses Adam, mixed precision on CUDA, DDP + SyncBatchNorm when launched with
 ``torchrun`` on GPUs, and a segmentation pass (BCE) after every matting step, as RVM's and
 BiMatting's ``train.py``: on YouTube-VIS clips (``seg_video_*``) and on single images
-(``seg_image_dir`` / ``seg_mask_dir``) in turn when both are given. Each stage starts
+(COCO panoptic ``seg_coco_*`` and / or an image and mask folder such as Supervisely Person,
+``seg_image_dir`` / ``seg_mask_dir``) in turn when both kinds are given. Each stage starts
 from the previous stage's checkpoint (``init``). ``demo`` and ``tiny`` train on the
 procedural :class:`~bimatting_triton.train.synthetic.SyntheticMatteDataset` (no download):
 ``demo`` shows learning in a few minutes on two CPU cores, ``tiny`` is for tests.
@@ -99,6 +100,9 @@ class TrainConfig:
     background_video_dir: str | None = None  # folder of <clip>/<frame> background frame folders
     seg_image_dir: str | None = None  # optional segmentation data: images ...
     seg_mask_dir: str | None = None  # ... and their masks (same file stems)
+    seg_coco_image_dir: str | None = None  # optional COCO panoptic: images (train2017) ...
+    seg_coco_panoptic_dir: str | None = None  # ... panoptic PNGs (annotations/panoptic_train2017) ...
+    seg_coco_annotations: str | None = None  # ... and their JSON (annotations/panoptic_train2017.json)
     seg_video_dir: str | None = None  # optional video segmentation data: YouTube-VIS JPEGImages ...
     seg_video_annotations: str | None = None  # ... and its instances.json (person instances)
     val_videomatte_dir: str | None = None  # held-out clips (same layout); synthetic otherwise
@@ -177,6 +181,9 @@ class TrainConfig:
             raise ValueError(f"refiner: expected one of {sorted(REFINERS)}, got {self.refiner!r}")
         if bool(self.seg_image_dir) != bool(self.seg_mask_dir):
             raise ValueError("seg_image_dir / seg_mask_dir: give both folders or neither")
+        coco = ("seg_coco_image_dir", "seg_coco_panoptic_dir", "seg_coco_annotations")
+        if len({bool(getattr(self, name)) for name in coco}) > 1:
+            raise ValueError(f"{' / '.join(coco)}: give all three (COCO panoptic images, PNGs and JSON) or none")
         if bool(self.seg_video_dir) != bool(self.seg_video_annotations):
             raise ValueError("seg_video_dir / seg_video_annotations: give the frames folder and the annotations file, or neither")
         missing = self.missing_data()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,6 +48,7 @@ __all__ = [
     "VideoMatteDataset",
     "ImageMatteDataset",
     "SegmentationDataset",
+    "EpochConcatDataset",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -397,6 +398,14 @@ class _EpochDataset(Dataset):
 
     def generator(self, index: int) -> torch.Generator:
         return item_generator(self.seed, self.epoch, index)
+
+
+class EpochConcatDataset(ConcatDataset):
+    """``ConcatDataset`` of :class:`_EpochDataset` parts whose ``set_epoch`` reaches every part."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
 
 
 class Backgrounds:

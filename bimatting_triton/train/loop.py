@@ -31,8 +31,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed
 from .config import TrainConfig, get_config
+from .coco_panoptic import CocoPanopticDataset
 from .data import (
     Backgrounds,
+    EpochConcatDataset,
     ImageMatteDataset,
     SegmentationDataset,
     VideoMatteDataset,
@@ -136,7 +138,8 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
     """The datasets a config trains and validates on.
 
     Returns ``{'train': ..., 'val': ...}`` plus ``'train_hr'`` when ``cfg.train_hr``,
-    ``'seg'`` when image segmentation folders are given and ``'seg_video'`` when YouTube-VIS is. Validation uses ``val_videomatte_dir``
+    ``'seg'`` when image segmentation data is given (COCO panoptic and / or an image and mask
+    folder, concatenated as RVM's loader) and ``'seg_video'`` when YouTube-VIS is. Validation uses ``val_videomatte_dir``
     when given, otherwise held-out synthetic clips (another seed, no augmentation).
     """
     out: dict[str, Dataset] = {}
@@ -154,8 +157,16 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
     out["train"] = matting(cfg.size, cfg.seq_length)
     if cfg.train_hr:
         out["train_hr"] = matting(cfg.size_hr, cfg.seq_length_hr)
+    images: list[Dataset] = []
+    if cfg.seg_coco_image_dir:
+        images.append(CocoPanopticDataset(
+            cfg.seg_coco_image_dir, cfg.seg_coco_panoptic_dir, cfg.seg_coco_annotations, cfg.size, augment=cfg.augment,
+            seed=cfg.seed + 1,  # (not the folder's seed: item i of each part draws other augmentations)
+        ))
     if cfg.seg_image_dir:
-        out["seg"] = SegmentationDataset(cfg.seg_image_dir, cfg.seg_mask_dir, cfg.size, augment=cfg.augment, seed=cfg.seed)
+        images.append(SegmentationDataset(cfg.seg_image_dir, cfg.seg_mask_dir, cfg.size, augment=cfg.augment, seed=cfg.seed))
+    if images:
+        out["seg"] = images[0] if len(images) == 1 else EpochConcatDataset(images)
     if cfg.seg_video_dir:
         out["seg_video"] = YouTubeVISDataset(
             cfg.seg_video_dir, cfg.seg_video_annotations, cfg.size, cfg.seq_length, augment=cfg.augment, seed=cfg.seed
@@ -173,7 +184,8 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Dataset]:
 # epochs, logging, validation or the output folder may change freely).
 _RUN_DEFINING = (
     "dataset", "videomatte_dir", "imagematte_dir", "background_image_dir", "background_video_dir",
-    "seg_image_dir", "seg_mask_dir", "seg_video_dir", "seg_video_annotations", "size", "seq_length", "batch_size", "train_hr", "size_hr",
+    "seg_image_dir", "seg_mask_dir", "seg_coco_image_dir", "seg_coco_panoptic_dir",
+    "seg_coco_annotations", "seg_video_dir", "seg_video_annotations", "size", "seq_length", "batch_size", "train_hr", "size_hr",
     "seq_length_hr", "batch_size_hr", "downsample_ratio_hr", "synthetic_length", "augment", "random_crop", "refiner",
     "lr_backbone", "lr_aspp", "lr_decoder", "lr_refiner", "lr_schedule", "grad_clip", "seg_every",
     "coarse_weight", "seed",

@@ -38,6 +38,8 @@ def test_config_errors_name_the_field(tmp_path):
         TrainConfig(grad_clip=-1.0)
     with pytest.raises(ValueError, match="seg_image_dir / seg_mask_dir"):
         TrainConfig(seg_image_dir="img")
+    with pytest.raises(ValueError, match="seg_coco_image_dir / seg_coco_panoptic_dir / seg_coco_annotations: give all"):
+        TrainConfig(seg_coco_image_dir="train2017", seg_coco_annotations="panoptic.json")
     with pytest.raises(ValueError, match="seg_video_dir / seg_video_annotations"):
         TrainConfig(seg_video_annotations="instances.json")
 
