@@ -43,6 +43,7 @@ from cli_args import parse_frame_size  # bench/cli_args.py
 
 from bimatting_triton import BiMatting, CudaGraphStep
 from bimatting_triton.baselines import RVMMobileNetV3
+from bimatting_triton.cli import non_negative_int, positive_int
 from bimatting_triton.devices import usable_device
 
 DEFAULT_SIZES = "512x288@1,1920x1080@0.25,3840x2160@0.125"
@@ -81,24 +82,6 @@ class Measurement:
 def parse_sizes(text: str) -> list[tuple[int, int, float]]:
     """'512x288@1,1920x1080@0.25' -> [(512, 288, 1.0), (1920, 1080, 0.25)]."""
     return [parse_frame_size(item) for item in text.split(",")]
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-    return value
 
 
 def parse_ints(text: str) -> list[int]:

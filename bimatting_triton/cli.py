@@ -95,11 +95,13 @@ def _int_at_least(text: str, low: int, expected: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (the error names what was expected and what was given)."""
     return _int_at_least(text, 1, "a positive integer")
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
     return _int_at_least(text, 0, "an integer >= 0")
 
 
@@ -162,15 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--downsample-ratio", type=_ratio, default=None, metavar="R",
                      help="ratio in (0, 1] for the low-resolution pass, or auto (the default: "
                           "min(512/max(H, W), 1))")
-    run.add_argument("--input-resize", type=_positive_int, nargs=2, metavar=("W", "H"),
+    run.add_argument("--input-resize", type=positive_int, nargs=2, metavar=("W", "H"),
                      help="resize input frames to W x H first")
-    run.add_argument("--seq-chunk", type=_positive_int, default=1, metavar="N",
+    run.add_argument("--seq-chunk", type=positive_int, default=1, metavar="N",
                      help="frames per model call; more is faster on GPUs and uses more memory "
                           "(default: %(default)s)")
     run.add_argument("--frame-rate", type=_frame_rate, default=None, metavar="FPS",
                      help="frame rate of image inputs, e.g. 25, 29.97 (= 30000/1001) or 30000/1001 "
                           "(default 30; videos keep theirs)")
-    run.add_argument("--threads", type=_non_negative_int, default=0, metavar="N",
+    run.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
                      help="FFmpeg decoding threads (0: automatic)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
