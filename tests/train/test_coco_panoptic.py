@@ -9,47 +9,8 @@ from bimatting_triton.train.coco_panoptic import CocoPanopticDataset, panoptic_s
 from bimatting_triton.train.config import get_config
 from bimatting_triton.train.data import EpochConcatDataset, SegmentationDataset, write_image
 from bimatting_triton.train.loop import build_datasets
-
-SIDE = 12
-CATEGORIES = [{"id": 1, "name": "person"}, {"id": 27, "name": "backpack"}, {"id": 32, "name": "tie"},
-              {"id": 18, "name": "dog"}, {"id": 184, "name": "tree-merged"}]
-
-
-def colour(segment_id: int) -> tuple[int, int, int]:
-    return segment_id % 256, segment_id // 256 % 256, segment_id // 65536
-
-
-def make_coco(root) -> tuple[str, str, str]:
-    """Three images: 0 with a person, a backpack and a tree; 1 with only a dog; 2 with a person
-    whose id needs all three colour channels and a tie. Image pixels encode their image number."""
-    images, pngs = root / "train2017", root / "panoptic"
-    os.makedirs(images)
-    os.makedirs(pngs)
-    layouts = {  # image -> [(segment id, category id, rows)]
-        0: [(5, 1, slice(0, 4)), (6, 27, slice(4, 6)), (7, 184, slice(6, SIDE))],
-        1: [(9, 18, slice(0, SIDE))],
-        2: [(2 + 256 * 3 + 65536 * 2, 1, slice(2, 5)), (40, 32, slice(5, 6)), (41, 18, slice(6, 9))],
-    }
-    data = {"images": [], "annotations": [], "categories": CATEGORIES}
-    for n, segments in layouts.items():
-        write_image(str(images / f"{n:012d}.png"), np.full((SIDE, SIDE, 3), 40 * n + 10, np.uint8))
-        panoptic = np.zeros((SIDE, SIDE, 3), np.uint8)  # id 0: unlabelled
-        for segment_id, _, rows in segments:
-            panoptic[rows] = colour(segment_id)
-        write_image(str(pngs / f"{n:012d}.png"), panoptic)
-        data["images"].append({"id": 100 + n, "file_name": f"{n:012d}.png"})
-        data["annotations"].append({"image_id": 100 + n, "file_name": f"{n:012d}.png",
-                                    "segments_info": [{"id": s, "category_id": c} for s, c, _ in segments]})
-    path = root / "panoptic.json"
-    path.write_text(json.dumps(data))
-    return str(images), str(pngs), str(path)
-
-
-def rows_mask(*row_slices) -> np.ndarray:
-    mask = np.zeros((SIDE, SIDE), np.uint8)
-    for rows in row_slices:
-        mask[rows] = 255
-    return mask
+from segmentation_data import CATEGORIES, colour, make_coco, rows_mask
+from segmentation_data import COCO_SIDE as SIDE
 
 
 def test_panoptic_segment_ids_read_all_three_channels():

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from matting_data import make_imagematte, make_matting_tree
+
 from bimatting_triton.train.data import (
     Backgrounds,
     ImageMatteDataset,
@@ -115,26 +117,8 @@ def test_augmentation_moves_fgr_and_pha_together():
         assert b.shape == (t, 3, 24, 24) and 0 <= b.min() and b.max() <= 1
 
 
-def _fake_tree(root, clips=2, frames=5, size=(24, 24)):
-    rng = np.random.default_rng(0)
-    h, w = size
-    for c in range(clips):
-        for sub in ("fgr", "pha"):
-            os.makedirs(root / "vm" / sub / f"clip{c}", exist_ok=True)
-        for f in range(frames):
-            write_image(str(root / "vm" / "fgr" / f"clip{c}" / f"{f:04d}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            write_image(str(root / "vm" / "pha" / f"clip{c}" / f"{f:04d}.png"), np.full((h, w), 40 * f + c, dtype=np.uint8))
-    os.makedirs(root / "bgimg")
-    for i in range(2):
-        write_image(str(root / "bgimg" / f"b{i}.png"), rng.integers(0, 256, (h + 6, w + 10, 3), dtype=np.uint8))
-    os.makedirs(root / "bgvid" / "v0")
-    for f in range(3):
-        write_image(str(root / "bgvid" / "v0" / f"{f}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    return root
-
-
 def test_videomatte_dataset_layout_items_and_determinism(tmp_path):
-    root = _fake_tree(tmp_path)
+    root = make_matting_tree(tmp_path)
     bg = Backgrounds(str(root / "bgimg"), str(root / "bgvid"))
     ds = VideoMatteDataset(str(root / "vm"), bg, size=16, seq_length=3, seed=1)
     assert len(ds) == 2 * 2  # two windows of 3 in each 5-frame clip
@@ -148,7 +132,7 @@ def test_videomatte_dataset_layout_items_and_determinism(tmp_path):
 
 
 def test_videomatte_dataset_without_augmentation_keeps_the_frames(tmp_path):
-    root = _fake_tree(tmp_path)
+    root = make_matting_tree(tmp_path)
     ds = VideoMatteDataset(str(root / "vm"), Backgrounds(str(root / "bgimg")), size=24, seq_length=4, augment=False)
     for i in range(len(ds)):
         _, pha, _ = ds[i]
@@ -160,7 +144,7 @@ def test_videomatte_dataset_without_augmentation_keeps_the_frames(tmp_path):
 
 
 def test_dataset_layout_errors(tmp_path):
-    root = _fake_tree(tmp_path, clips=1)
+    root = make_matting_tree(tmp_path, clips=1)
     os.remove(root / "vm" / "pha" / "clip0" / "0003.png")
     with pytest.raises(FileNotFoundError, match="0003.png"):
         VideoMatteDataset(str(root / "vm"), Backgrounds(str(root / "bgimg")), 16, 2)
@@ -168,19 +152,9 @@ def test_dataset_layout_errors(tmp_path):
         Backgrounds(None, None)
 
 
-def _one_image_matte(tmp_path):
-    """An ImageMatte folder (fgr/, pha/) holding one 30x30 image."""
-    im = tmp_path / "im"
-    for sub in ("fgr", "pha"):
-        os.makedirs(im / sub)
-    write_image(str(im / "fgr" / "a.png"), np.full((30, 30, 3), 200, np.uint8))
-    write_image(str(im / "pha" / "a.png"), np.full((30, 30), 255, np.uint8))
-    return im
-
-
 def test_imagematte_and_segmentation_datasets(tmp_path):
-    root = _fake_tree(tmp_path, clips=1)
-    im = _one_image_matte(tmp_path)
+    root = make_matting_tree(tmp_path, clips=1)
+    im = make_imagematte(tmp_path)
     ds = ImageMatteDataset(str(im), Backgrounds(str(root / "bgimg")), size=16, seq_length=3)
     fgr, pha, bgr = ds[0]
     assert fgr.shape == (3, 3, 16, 16) and pha.shape == (3, 1, 16, 16)
@@ -201,8 +175,8 @@ def test_item_generator_depends_on_seed_epoch_index():
 def test_imagematte_epoch_covers_the_backgrounds_as_in_rvm(tmp_path):
     # RVM's ImageMatteDataset: len = max(#images, #background images + #background clips),
     # image idx % #images; with few mattes an epoch is as long as the background set.
-    root = _fake_tree(tmp_path, clips=1)
-    im = _one_image_matte(tmp_path)
+    root = make_matting_tree(tmp_path, clips=1)
+    im = make_imagematte(tmp_path)
     backgrounds = Backgrounds(str(root / "bgimg"), str(root / "bgvid"))
     n_bg = len(backgrounds.images) + len(backgrounds.videos)
     assert n_bg > 1

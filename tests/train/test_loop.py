@@ -11,7 +11,7 @@ from bimatting_triton.train.config import get_config
 from bimatting_triton.train.data import write_image
 from bimatting_triton.train.loop import Trainer, evaluate, load_checkpoint, param_groups, train
 from bimatting_triton.train.synthetic import SyntheticMatteDataset
-from youtubevis_utils import make_youtubevis
+from segmentation_data import make_youtubevis
 
 # One thread: on a loaded 2-core machine OpenMP oversubscription makes steps ~10x slower.
 QUIET = dict(log_every=1000, threads=1)

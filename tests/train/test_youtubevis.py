@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bimatting_triton.train.youtubevis import YouTubeVISDataset, decode_rle
-from youtubevis_utils import SIDE, frame_mask, make_youtubevis, rle, runs_of
+from segmentation_data import SIDE, frame_mask, make_youtubevis, rle, runs_of
 
 
 def test_decode_rle_hand_examples():
