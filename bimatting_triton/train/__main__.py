@@ -20,7 +20,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from ..devices import usable_device
-from .config import TrainConfig, config_names, get_config
+from .config import TrainConfig, config_names, field_comments, get_config
 
 USAGE_ERROR = 2  # exit status of every reported mistake, as argparse's own
 
@@ -60,13 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         "even before its data folders are given (stderr notes what training still needs)",
     )
     group = parser.add_argument_group("config overrides")
+    comments = field_comments()
     for f in fields(TrainConfig):
         if f.name == "name":
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         group.add_argument(flag, dest=f.name, type=_converter(str(f.type)), default=argparse.SUPPRESS,
-                           metavar=f.name.upper(), help=f"(default of TrainConfig: {default!r})")
+                           metavar=f.name.upper(),
+                           help=f"{comments.get(f.name, '')} (default of TrainConfig: {default!r})".lstrip())
     return parser
 
 

@@ -23,9 +23,11 @@ procedural :class:`~bimatting_triton.train.synthetic.SyntheticMatteDataset` (no 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
@@ -33,7 +35,7 @@ import torch
 
 from ..model.bimatting import REFINERS
 
-__all__ = ["TrainConfig", "CONFIGS", "get_config", "config_names"]
+__all__ = ["TrainConfig", "CONFIGS", "get_config", "config_names", "field_comments"]
 
 DATASETS = ("videomatte", "imagematte", "synthetic")
 
@@ -98,51 +100,51 @@ class TrainConfig:
     imagematte_dir: str | None = None  # holds fgr/<image> and pha/<image>
     background_image_dir: str | None = None  # folder of background images
     background_video_dir: str | None = None  # folder of <clip>/<frame> background frame folders
-    seg_image_dir: str | None = None  # optional segmentation data: images ...
-    seg_mask_dir: str | None = None  # ... and their masks (same file stems)
-    seg_coco_image_dir: str | None = None  # optional COCO panoptic: images (train2017) ...
-    seg_coco_panoptic_dir: str | None = None  # ... panoptic PNGs (annotations/panoptic_train2017) ...
-    seg_coco_annotations: str | None = None  # ... and their JSON (annotations/panoptic_train2017.json)
-    seg_video_dir: str | None = None  # optional video segmentation data: YouTube-VIS JPEGImages ...
-    seg_video_annotations: str | None = None  # ... and its instances.json (person instances)
+    seg_image_dir: str | None = None  # image segmentation (e.g. Supervisely Person): images, with seg_mask_dir
+    seg_mask_dir: str | None = None  # their masks, same file stems (mask > 127 is the person)
+    seg_coco_image_dir: str | None = None  # image segmentation, COCO panoptic: images (train2017/), with the next two
+    seg_coco_panoptic_dir: str | None = None  # COCO panoptic PNGs (annotations/panoptic_train2017/)
+    seg_coco_annotations: str | None = None  # COCO panoptic JSON (annotations/panoptic_train2017.json)
+    seg_video_dir: str | None = None  # video segmentation, YouTube-VIS: frames (JPEGImages/), with seg_video_annotations
+    seg_video_annotations: str | None = None  # YouTube-VIS instances.json (its person instances are the targets)
     val_videomatte_dir: str | None = None  # held-out clips (same layout); synthetic otherwise
     size: int = 512  # low-resolution crop side
     seq_length: int = 15  # low-resolution clip length T
     batch_size: int = 1  # per process
     train_hr: bool = False  # also take a high-resolution step through the refiner
-    size_hr: int = 2048
-    seq_length_hr: int = 6
-    batch_size_hr: int = 1
-    downsample_ratio_hr: float = 0.25
+    size_hr: int = 2048  # high-resolution crop side
+    seq_length_hr: int = 6  # high-resolution clip length
+    batch_size_hr: int = 1  # high-resolution clips per process
+    downsample_ratio_hr: float = 0.25  # downsample_ratio of the high-resolution pass
     synthetic_length: int = 2000  # clips per epoch of the synthetic dataset
-    num_workers: int = 2
+    num_workers: int = 2  # data loader worker processes (0: load in the training process)
     augment: bool = True  # motion / colour / crop augmentation (real datasets; optional on synthetic)
     random_crop: bool = True  # RVM's per-batch crop: sides drawn in [S/2, S), multiples of 16 (data.random_batch_crop)
     # ---- model and optimisation
-    refiner: str = "deep_guided_filter"
-    lr_backbone: float = 1e-4
-    lr_aspp: float = 2e-4
-    lr_decoder: float = 2e-4
-    lr_refiner: float = 0.0
+    refiner: str = "deep_guided_filter"  # 'deep_guided_filter' | 'fast_guided_filter'
+    lr_backbone: float = 1e-4  # Adam learning rate of the backbone (0 freezes it)
+    lr_aspp: float = 2e-4  # ... of the ASPP (0 freezes it)
+    lr_decoder: float = 2e-4  # ... of the decoder and the two heads (0 freezes them)
+    lr_refiner: float = 0.0  # ... of the refiner (0 freezes it; it only trains in high-resolution passes)
     lr_schedule: str = "constant"  # 'constant' (the recipe) or 'cosine' (decay to 0 over the run)
     grad_clip: float | None = None  # max global grad norm; None disables clipping
     amp: bool = True  # float16 autocast + GradScaler on CUDA (ignored on CPU)
     seg_every: int = 1  # a segmentation pass every N steps (1: every step, the recipe; 0 = never)
     coarse_weight: float = 0.25  # weight of the matting loss on the coarse outputs
-    epochs: int = 20
+    epochs: int = 20  # passes over the matting dataset
     max_steps: int | None = None  # stop after this many steps (over all epochs)
     # ---- bookkeeping
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # checkpoints (last.pt), log.jsonl and TensorBoard events
     init: str | None = None  # weights to start from (the previous stage's checkpoint)
     resume: str | None = None  # checkpoint to resume (or 'auto': out_dir/last.pt if present)
-    log_every: int = 20
+    log_every: int = 20  # steps between log lines
     val_every: int = 500  # steps between validations (0 = only at the end)
-    val_clips: int = 8
+    val_clips: int = 8  # held-out synthetic clips (without val_videomatte_dir)
     val_size: int | None = None  # validation crop side (default: size)
     val_seq_length: int | None = None  # default: seq_length
     val_at_start: bool = False  # measure the untrained (or initial) model first
-    checkpoint_every: int = 500
-    seed: int = 0
+    checkpoint_every: int = 500  # steps between checkpoints (also written at the end)
+    seed: int = 0  # data order, augmentation and initial weights
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # torch.set_num_threads on CPU
     # Not a field: False accepts a real-data config whose data folders are still missing (to
@@ -263,6 +265,16 @@ _TINY = dict(
 )
 
 CONFIGS: dict[str, dict[str, Any]] = {**_STAGES, "demo": _DEMO, "tiny": _TINY}
+
+
+def field_comments() -> dict[str, str]:
+    """Each :class:`TrainConfig` field's comment in this file (the command line's help texts);
+    {} where the source cannot be read."""
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^    (\w+): [^=\n]+= [^#\n]*#\s*(.+)$", source, flags=re.MULTILINE))
 
 
 def config_names() -> list[str]:

@@ -193,7 +193,11 @@ _RUN_DEFINING = (
 
 
 # What a run-defining field added later amounts to in a checkpoint saved before it existed.
-_BEFORE_FIELDS = {"random_crop": False}
+_BEFORE_FIELDS = {
+    "random_crop": False,
+    **dict.fromkeys(("seg_video_dir", "seg_video_annotations", "seg_coco_image_dir", "seg_coco_panoptic_dir",
+                     "seg_coco_annotations")),
+}
 
 
 def _warn_on_changed_settings(saved: dict | None, cfg: TrainConfig, path: str) -> None:

@@ -1,6 +1,7 @@
 """COCO panoptic person masks: segment ids from PNG colours, the dataset, and its errors."""
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -29,6 +30,8 @@ def test_images_with_a_person_and_their_person_backpack_tie_masks(tmp_path):
     assert img.shape == (1, 3, SIDE, SIDE) and seg.shape == (1, 1, SIDE, SIDE)
     assert round(float(img.mean()) * 255) == 90  # image 2's pixels
     assert np.array_equal(seg[0, 0].numpy() * 255, rows_mask(slice(2, 5), slice(5, 6)))
+    again = pickle.loads(pickle.dumps(ds))  # (spawned loader workers receive it pickled)
+    assert all(np.array_equal(a, b) for a, b in zip(ds[1], again[1]))
 
 
 def test_augmented_items_and_concatenation_with_a_mask_folder(tmp_path):

@@ -178,3 +178,17 @@ def test_stages_run_a_segmentation_pass_every_step():
     for i in range(1, 5):
         assert get_config(f"stage{i}", **DATA).seg_every == 1
     assert TrainConfig().seg_every == 1
+
+
+def test_help_shows_each_fields_comment(capsys):
+    from dataclasses import fields
+
+    from bimatting_triton.train.config import field_comments
+
+    comments = field_comments()
+    assert set(comments) == {f.name for f in fields(TrainConfig)} - {"name"}  # every field says what it is
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seg-video-annotations SEG_VIDEO_ANNOTATIONS YouTube-VIS instances.json" in text
+    assert "--lr-refiner LR_REFINER ... of the refiner (0 freezes it;" in text

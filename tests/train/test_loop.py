@@ -330,3 +330,19 @@ def test_resume_of_a_checkpoint_older_than_random_crop_warns_when_it_is_on(runs,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         off._resume(old)
+
+
+def test_resume_of_a_checkpoint_older_than_the_segmentation_data_fields_warns_when_given(runs, tmp_path):
+    # A checkpoint saved before the YouTube-VIS / COCO fields trained without those data.
+    _, _, _, root = runs
+    saved = torch.load(str(root / "a" / "last.pt"), weights_only=False)
+    for name in ("seg_video_dir", "seg_video_annotations", "seg_coco_image_dir", "seg_coco_panoptic_dir",
+                 "seg_coco_annotations"):
+        del saved["config"][name]
+    old = str(tmp_path / "old.pt")
+    torch.save(saved, old)
+    frames_dir, annotations = make_youtubevis(tmp_path)
+    cfg = get_config("tiny", out_dir=str(tmp_path / "video"), max_steps=9, seg_video_dir=frames_dir,
+                     seg_video_annotations=annotations, **QUIET)
+    with pytest.warns(UserWarning, match=r"seg_video_dir None -> '.*JPEGImages'; seg_video_annotations None -> "):
+        Trainer(cfg, log=lambda m: None)._resume(old)

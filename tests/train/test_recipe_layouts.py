@@ -2,8 +2,8 @@
 
 Stage 1 on VideoMatte240K clips over background images and videos, with all three kinds of
 segmentation data (YouTube-VIS clips, COCO panoptic and a mask folder); then stage 4 on
-ImageMatte with its high-resolution pass, starting from stage 1's checkpoint. A loader
-worker process reads the data (the datasets must pickle).
+ImageMatte with its high-resolution pass, starting from stage 1's checkpoint. The data is
+read in a loader worker process (forked here; the datasets' pickling is tested beside them).
 """
 import json
 

@@ -1,6 +1,7 @@
 """YouTube-VIS video segmentation clips: run-length masks, the dataset, and its errors."""
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -17,6 +18,10 @@ def test_decode_rle_hand_examples():
     mask = decode_rle({"size": [3, 5], "counts": "0:2I"})
     assert runs_of(mask) == [0, 10, 2, 3] and mask.dtype == np.uint8
     assert np.array_equal(decode_rle({"size": [3, 5], "counts": b"0:2I"}), mask)
+    # Strings written by pycocotools' encoder (not this project's): the differences start at
+    # the fourth count, '4' in '254O' is a count and 'O' (-1) the difference to 5.
+    assert runs_of(decode_rle({"size": [3, 5], "counts": "254O"})) == [2, 5, 4, 4]
+    assert runs_of(decode_rle({"size": [4, 19], "counts": "3X11jNm0"})) == [3, 40, 1, 2, 30]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (33, 64), (120, 90)])
@@ -42,6 +47,14 @@ def test_decode_rle_errors():
         decode_rle([[0, 0, 1, 0, 1, 1]])
     with pytest.raises(ValueError, match="end inside a number"):
         decode_rle({"size": [2, 2], "counts": "0" + chr(48 + 0x21)})
+    with pytest.raises(ValueError, match=r"'size' must be \[H, W\], got \[2\]"):
+        decode_rle({"size": [2], "counts": [2]})
+    for counts in ([1.5, 2.5], [2**70], "o" * 20 + "0", [[1, 3]]):  # floats, too large, garbled, nested
+        with pytest.raises(ValueError, match="'counts' must be a list of integers or a compressed string"):
+            decode_rle({"size": [2, 2], "counts": counts})
+    with pytest.raises(ValueError, match=r"\(sum 0\) do not cover the 2x2 mask"):
+        decode_rle({"size": [2, 2], "counts": []})
+    assert decode_rle({"size": [0, 5], "counts": []}).shape == (0, 5)
 
 
 def expected_target(video: int, frame: int) -> np.ndarray:
@@ -67,6 +80,17 @@ def test_items_are_consecutive_frames_with_the_union_of_person_masks(tmp_path):
             assert np.array_equal(seg[t, 0].numpy().astype(np.uint8), expected_target(video, f)), (index, t, f)
     again = ds[3]
     assert all(np.array_equal(a, b) for a, b in zip(again, ds[3]))
+
+
+def test_masks_are_held_compactly_and_the_dataset_pickles(tmp_path):
+    # Uncompressed counts become int32 arrays (memory; forked workers' copy-on-write); the
+    # dataset goes to spawned loader workers by pickle.
+    frames_dir, annotations = make_youtubevis(tmp_path)
+    ds = YouTubeVISDataset(frames_dir, annotations, size=SIDE, seq_length=3, augment=False)
+    stored = [rle["counts"] for frames in ds.masks.values() for masks in frames for rle in masks]
+    assert {type(c) for c in stored} == {np.ndarray, str} and all(c.dtype == np.int32 for c in stored if type(c) is np.ndarray)
+    again = pickle.loads(pickle.dumps(ds))
+    assert all(np.array_equal(a, b) for a, b in zip(ds[4], again[4]))
 
 
 def test_augmented_items_keep_image_and_mask_together(tmp_path):
