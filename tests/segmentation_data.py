@@ -8,6 +8,12 @@ import numpy as np
 from bimatting_triton.train.data import write_image
 
 
+def write_json(path, data) -> str:
+    """``data`` as JSON at ``path``; returns the path as a str."""
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
 def runs_of(mask: np.ndarray) -> list[int]:
     """Column-major run lengths of a 0/1 mask, starting with a (possibly empty) run of 0s."""
     flat = mask.T.reshape(-1).astype(np.int64)
@@ -72,9 +78,7 @@ def make_youtubevis(root, frames=(6, 4, 3), person_id=26) -> tuple[str, str]:
         "annotations": annotations,
         "categories": [{"id": person_id, "name": "person"}, {"id": 7, "name": "dog"}],
     }
-    path = root / "instances.json"
-    path.write_text(json.dumps(data))
-    return str(images), str(path)
+    return str(images), write_json(root / "instances.json", data)
 
 
 # ---------------------------------------------------------------- COCO panoptic
@@ -108,9 +112,7 @@ def make_coco(root) -> tuple[str, str, str]:
         data["images"].append({"id": 100 + n, "file_name": f"{n:012d}.png"})
         data["annotations"].append({"image_id": 100 + n, "file_name": f"{n:012d}.png",
                                     "segments_info": [{"id": s, "category_id": c} for s, c, _ in segments]})
-    path = root / "panoptic.json"
-    path.write_text(json.dumps(data))
-    return str(images), str(pngs), str(path)
+    return str(images), str(pngs), write_json(root / "panoptic.json", data)
 
 
 def rows_mask(*row_slices) -> np.ndarray:

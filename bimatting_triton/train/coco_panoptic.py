@@ -17,14 +17,13 @@ segments of ``person``, ``backpack`` and ``tie`` (what a person carries or wears
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from torch import Tensor
 
-from .data import MattingAugmentation, _EpochDataset, _to_tensor, read_image
+from .data import MattingAugmentation, _EpochDataset, _to_tensor, read_annotations, read_image
 
 __all__ = ["panoptic_segment_ids", "CocoPanopticDataset"]
 
@@ -61,16 +60,7 @@ class CocoPanopticDataset(_EpochDataset):
         for name, folder in (("image_dir", image_dir), ("panoptic_dir", panoptic_dir)):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"CocoPanopticDataset: {name} {folder!r} is not a folder")
-        try:
-            with open(annotations, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"CocoPanopticDataset: annotations {annotations!r} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"CocoPanopticDataset: annotations {annotations!r} is not a JSON file ({exc})") from None
-        missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
-        if missing:
-            raise ValueError(f"CocoPanopticDataset: annotations {annotations!r} lacks {missing} (a COCO panoptic file has them)")
+        data = read_annotations(annotations, "CocoPanopticDataset", ("images", "annotations", "categories"), "COCO panoptic")
         ids = {str(c.get("name", "")).lower(): c["id"] for c in data["categories"]}
         absent = [name for name in (required, *categories) if name.lower() not in ids]
         if absent:

@@ -23,6 +23,7 @@ Images are read with PyAV (any format FFmpeg decodes: JPEG, PNG, WebP, TIFF, ...
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -98,6 +99,22 @@ def list_images(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def read_annotations(path: str, owner: str, keys: Sequence[str], layout: str) -> dict:
+    """A COCO-style JSON annotation file as a dict holding ``keys``; errors say ``owner`` (the
+    dataset reading it), the file, and which ``layout`` was expected."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{owner}: annotations {path!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{owner}: annotations {path!r} is not a JSON file ({exc})") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"{owner}: annotations {path!r} lacks {missing} (a {layout} file has them)")
+    return data
 
 
 def _list_clips(folder: str) -> list[str]:

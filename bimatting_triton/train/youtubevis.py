@@ -17,13 +17,12 @@ the 2019 release) or compressed (``counts`` a string, as ``pycocotools`` writes 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from torch import Tensor
 
-from .data import MattingAugmentation, _EpochDataset, _to_tensor, read_image, sample_frame_indices
+from .data import MattingAugmentation, _EpochDataset, _to_tensor, read_annotations, read_image, sample_frame_indices
 
 __all__ = ["decode_rle", "YouTubeVISDataset"]
 
@@ -129,16 +128,7 @@ class YouTubeVISDataset(_EpochDataset):
         self.augmentation = MattingAugmentation(size, enabled=augment, scale=(0.8, 1.0), p_motion=0.0)
         if not os.path.isdir(frames_dir):
             raise FileNotFoundError(f"YouTubeVISDataset: frames_dir {frames_dir!r} is not a folder")
-        try:
-            with open(annotations, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"YouTubeVISDataset: annotations {annotations!r} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"YouTubeVISDataset: annotations {annotations!r} is not a JSON file ({exc})") from None
-        missing = [k for k in ("videos", "annotations", "categories") if not isinstance(data, dict) or k not in data]
-        if missing:
-            raise ValueError(f"YouTubeVISDataset: annotations {annotations!r} lacks {missing} (a YouTube-VIS instances file has them)")
+        data = read_annotations(annotations, "YouTubeVISDataset", ("videos", "annotations", "categories"), "YouTube-VIS instances")
         wanted = {c["id"] for c in data["categories"] if str(c.get("name", "")).lower() == category.lower()}
         if not wanted:
             names = sorted(str(c.get("name")) for c in data["categories"])

@@ -10,7 +10,7 @@ from bimatting_triton.train.coco_panoptic import CocoPanopticDataset, panoptic_s
 from bimatting_triton.train.config import get_config
 from bimatting_triton.train.data import EpochConcatDataset, SegmentationDataset, write_image
 from bimatting_triton.train.loop import build_datasets
-from segmentation_data import CATEGORIES, colour, make_coco, rows_mask
+from segmentation_data import CATEGORIES, colour, make_coco, rows_mask, write_json
 from segmentation_data import COCO_SIDE as SIDE
 
 
@@ -67,9 +67,7 @@ def test_errors_name_the_problem(tmp_path):
     data = json.loads(open(annotations).read())
 
     def write(changed) -> str:
-        path = tmp_path / "changed.json"
-        path.write_text(json.dumps(changed))
-        return str(path)
+        return write_json(tmp_path / "changed.json", changed)
 
     with pytest.raises(FileNotFoundError, match="panoptic_dir .* is not a folder"):
         CocoPanopticDataset(images, str(tmp_path / "nope"), annotations, 8)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bimatting_triton.train.youtubevis import YouTubeVISDataset, decode_rle
-from segmentation_data import SIDE, frame_mask, make_youtubevis, rle, runs_of
+from segmentation_data import SIDE, frame_mask, make_youtubevis, rle, runs_of, write_json
 
 
 def test_decode_rle_hand_examples():
@@ -115,9 +115,7 @@ def test_errors_name_the_problem(tmp_path):
     data = json.loads(open(annotations).read())
 
     def write(changed) -> str:
-        path = tmp_path / "changed.json"
-        path.write_text(json.dumps(changed))
-        return str(path)
+        return write_json(tmp_path / "changed.json", changed)
 
     with pytest.raises(FileNotFoundError, match="frames_dir .* is not a folder"):
         YouTubeVISDataset(str(tmp_path / "nope"), annotations, 8, 2)
