@@ -15,9 +15,12 @@ eval-mode semantics). What is replaced:
   (``'avgpool'`` post-residual) and the *next* block's ``move11`` + sign + pack fused.
   The float activations are still written once per stage (they are the next
   shortcut), but no float tensor is re-read to binarize it.
-* Any ``nn.Sequential`` made of binary units ``LearnableBias -> BinaryActivation ->
-  BiConv2d [-> BatchNorm2d] [-> LearnableBias] [-> PReLU | ReLU] [-> LearnableBias]``
-  and other modules (ASPP, GRU gates, decoder blocks, refiner) -> :class:`FusedSequential`;
+* Any ``nn.Sequential`` (not a subclass: its forward could differ) with binary units
+  ``LearnableBias -> BinaryActivation -> BiConv2d [-> BatchNorm2d] [-> LearnableBias]
+  [-> PReLU | ReLU] [-> LearnableBias]`` among other modules (ASPP, GRU gates, decoder
+  blocks, refiner) -> :class:`FusedSequential`; the modules must be these classes
+  themselves or subclasses that keep their forward (:func:`runs_as`), a BatchNorm must
+  track running statistics to be folded;
   two units in a row (the refiner's) pass packed bits only: the first one's epilogue
   applies the second one's LearnableBias + sign + pack and stores no float.
 * A ``BasicBlock`` outside a ``BinaryBackbone`` -> :class:`FusedBasicBlock`.
@@ -63,6 +66,7 @@ from .kernels._common import version_counter
 from .kernels.pack import PackedActivation, sign_pack, sign_pack_reference
 from .model.backbone import DENSE_SHORTCUTS, FEATURE_BLOCKS, BasicBlock, BinaryBackbone
 from .nn import BiConv2d, BinaryActivation, LearnableBias
+from .swap import SignInputBiConv2d
 
 __all__ = ["convert", "BinaryConvUnit", "FusedSequential", "FusedBasicBlock", "FusedBackbone", "compute_dtype"]
 
@@ -97,6 +101,28 @@ def in_compute_dtype(module: nn.Module, *names: str) -> list[Tensor | None]:
             hit = cache[name] = (t, version, t.to(compute_dtype(t.dtype)))
         out.append(hit[2])
     return out
+
+
+def runs_as(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose forward is ``cls``'s: what ``convert`` may replace by fused
+    code. A subclass with a forward of its own (a gain, a residual, ...) computes something else."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def fusable_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` itself (no subclass: its forward and attributes are known) with a
+    ``LB -> sign -> BiConv2d`` unit in it: what :class:`FusedSequential` replaces. (One without
+    keeps its modules and their names; its binary convs take the generic packed path.)"""
+    if type(module) is not nn.Sequential:
+        return False
+    mods = list(module)
+    return any(_is_unit_start(mods, i) for i in range(len(mods)))
+
+
+def _foldable_batchnorm(module: nn.Module) -> bool:
+    # With track_running_stats=False a BatchNorm normalises with the batch's statistics even in
+    # eval mode: nothing to fold, so it stays a module of its own.
+    return runs_as(module, nn.BatchNorm2d) and module.track_running_stats and module.running_mean is not None
 
 
 def packable(conv: BiConv2d) -> bool:
@@ -265,9 +291,9 @@ class BinaryConvUnit(nn.Module):
 def _is_unit_start(mods: list[nn.Module], i: int) -> bool:
     return (
         i + 2 < len(mods)
-        and isinstance(mods[i], LearnableBias)
-        and isinstance(mods[i + 1], BinaryActivation)
-        and isinstance(mods[i + 2], BiConv2d)
+        and runs_as(mods[i], LearnableBias)
+        and runs_as(mods[i + 1], BinaryActivation)
+        and runs_as(mods[i + 2], BiConv2d)
         and packable(mods[i + 2])  # others stay plain modules (convert() warns about them)
     )
 
@@ -294,13 +320,13 @@ class FusedSequential(nn.Module):
             in_bias, conv = mods[i], mods[i + 2]
             i += 3
             bn = bias_a = act = bias_b = None
-            if i < len(mods) and isinstance(mods[i], nn.BatchNorm2d):
+            if i < len(mods) and _foldable_batchnorm(mods[i]):
                 bn, i = mods[i], i + 1
-            if i < len(mods) and isinstance(mods[i], LearnableBias) and not _is_unit_start(mods, i):
+            if i < len(mods) and runs_as(mods[i], LearnableBias) and not _is_unit_start(mods, i):
                 bias_a, i = mods[i], i + 1
-            if i < len(mods) and isinstance(mods[i], (nn.PReLU, nn.ReLU)):
+            if i < len(mods) and (runs_as(mods[i], nn.PReLU) or runs_as(mods[i], nn.ReLU)):
                 act, i = mods[i], i + 1
-                if i < len(mods) and isinstance(mods[i], LearnableBias) and not _is_unit_start(mods, i):
+                if i < len(mods) and runs_as(mods[i], LearnableBias) and not _is_unit_start(mods, i):
                     bias_b, i = mods[i], i + 1
             ops.append(BinaryConvUnit([conv], [bn], in_bias, bias_a, act, bias_b, backend))
         self.ops = nn.ModuleList(ops)
@@ -407,37 +433,42 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fused = model if inplace else copy.deepcopy(model)
     fused.eval()
-    if isinstance(fused, BinaryBackbone):
+    if runs_as(fused, BinaryBackbone):
         return FusedBackbone(fused, backend).eval()
-    if isinstance(fused, BasicBlock):
+    if runs_as(fused, BasicBlock):
         return FusedBasicBlock(fused, backend).eval()
-    if isinstance(fused, nn.Sequential) and any(isinstance(m, BiConv2d) for m in fused):
-        return FusedSequential(fused, backend).eval()
+    if fusable_sequential(fused):  # (its nested Sequentials and other convs follow below)
+        fused = FusedSequential(fused, backend).eval()
     from .fuse_decoder import fuse_decoder_block  # imports this module
 
-    # Outermost first; a replaced subtree is not visited again.
+    # Outermost first; a replaced subtree is not visited again. A module used under several
+    # names gets one replacement, set under each name.
     done: list[str] = []
-    for name, module in list(fused.named_modules()):
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(fused.named_modules(remove_duplicate=False)):
         if any(name == d or name.startswith(d + ".") for d in done) or not name:
             continue
-        new = None
-        if isinstance(module, BinaryBackbone):
+        new = replaced.get(id(module))
+        if new is not None:
+            pass
+        elif runs_as(module, BinaryBackbone):
             new = FusedBackbone(module, backend)
-        elif isinstance(module, BasicBlock):
+        elif runs_as(module, BasicBlock):
             new = FusedBasicBlock(module, backend)
         elif (decoder_block := fuse_decoder_block(module, backend)) is not None:
             new = decoder_block  # sparse masked units (fuse_decoder)
-        elif isinstance(module, nn.Sequential) and any(isinstance(m, BiConv2d) for m in module):
+        elif fusable_sequential(module):
             try:
                 new = FusedSequential(module, backend)
             except ValueError as err:
                 raise ValueError(f"convert: {name}: {err}") from None
         if new is not None:
             fused.set_submodule(name, new.eval())
+            replaced[id(module)] = new
             done.append(name)
     from .fuse_generic import PackedBiConv2d, replace_remaining_binary_convs  # imports this module
 
-    if isinstance(fused, BiConv2d):
+    if (runs_as(fused, BiConv2d) or runs_as(fused, SignInputBiConv2d)) and packable(fused):
         return PackedBiConv2d(fused, backend).eval()
     replace_remaining_binary_convs(fused, backend)  # convs outside known units (swapped models)
     return fused

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuse import BinaryConvUnit, FusedSequential, in_compute_dtype
+from .fuse import BinaryConvUnit, FusedSequential, in_compute_dtype, runs_as
 from .kernels.binary_conv import binary_conv2d_reference, fold_scale_shift
 from .kernels.pack import Product, sign_pack_pair
 from .kernels.sparse_unit import (
@@ -321,13 +321,13 @@ class FusedOutputBlock(_SparseBlock):
 def fuse_decoder_block(module: nn.Module, backend: str = "auto") -> nn.Module | None:
     """The fused replacement of a decoder block (``UpsamplingBlock``, ``MaskedConvGRU``,
     ``OutputBlock``, the bottleneck's ``ConvGRU``), or None for any other module (``convert``'s hook)."""
-    if isinstance(module, UpsamplingBlock):
+    if runs_as(module, UpsamplingBlock):
         return FusedUpsamplingBlock(module, backend)
-    if isinstance(module, MaskedConvGRU):
+    if runs_as(module, MaskedConvGRU):
         return FusedMaskedConvGRU(module, backend)
-    if isinstance(module, ConvGRU):
+    if runs_as(module, ConvGRU):
         return FusedConvGRU(module, backend)
-    if isinstance(module, OutputBlock):
+    if runs_as(module, OutputBlock):
         return FusedOutputBlock(module, backend)
     return None
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuse import BinaryConvUnit, packable
+from .fuse import BinaryConvUnit, packable, runs_as
 from .nn import BiConv2d
 from .swap import SignInputBiConv2d
 
@@ -64,21 +64,35 @@ class PackedBiConv2d(nn.Module):
 def replace_remaining_binary_convs(model: nn.Module, backend: str = "auto") -> list[str]:
     """Swap every packable ``BiConv2d`` still in ``model`` for a :class:`PackedBiConv2d`.
 
-    Convs the kernel cannot compute (grouped, dilated, ...) stay as they are (plain
-    PyTorch, same results) and a warning names them. Returns the names of those left.
+    Convs the kernel cannot compute (grouped, dilated, ...) and subclasses with a forward of
+    their own stay as they are (plain PyTorch, same results) and a warning names them. A
+    conv used under several names gets one replacement. Returns the names of those left.
     """
-    left = []
-    for name, module in list(model.named_modules()):
+    left, own_forward = [], []
+    replaced: dict[int, PackedBiConv2d] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in replaced:
+            model.set_submodule(name, replaced[id(module)])
+            continue
         if not isinstance(module, BiConv2d):
             continue
-        if not packable(module):
+        if not (runs_as(module, BiConv2d) or runs_as(module, SignInputBiConv2d)):
+            own_forward.append(name)
+        elif not packable(module):
             left.append(name)
-            continue
-        model.set_submodule(name, PackedBiConv2d(module, backend).eval())
+        else:
+            replaced[id(module)] = PackedBiConv2d(module, backend).eval()
+            model.set_submodule(name, replaced[id(module)])
     if left:
         warnings.warn(
             f"convert: binary convs {left} are grouped, dilated or have a non-square stride/padding, which "
             "the packed kernel does not compute; they keep running in plain PyTorch",
             stacklevel=3,
         )
-    return left
+    if own_forward:
+        warnings.warn(
+            f"convert: binary convs {own_forward} are subclasses of BiConv2d with a forward of their own, which "
+            "the packed kernel does not know; they keep running in plain PyTorch",
+            stacklevel=3,
+        )
+    return left + own_forward

@@ -226,23 +226,26 @@ def _probe_output(module: nn.Module, x: Tensor) -> Tensor | None:
 def _sign_problem(module: nn.Module, check_gradients: bool) -> str | None:
     """None if ``module`` behaves as ``BinaryActivation`` (sign, hardtanh STE), else why not.
 
-    Raises ``LookupError`` when it is not a candidate at all: no sign-like name, state or
-    children, or a forward that is not exactly ``torch.sign``.
+    Raises ``LookupError`` when it is not a candidate at all: no sign-like name; parameters,
+    buffers (a threshold, say: ``BinaryActivation`` has none to take it) or children; or a
+    forward that is not exactly ``torch.sign`` in eval and in train mode.
     """
     if isinstance(module, BinaryActivation) or not _SIGN_NAME.search(type(module).__name__):
         raise LookupError
-    if any(True for _ in module.parameters()) or any(True for _ in module.children()):
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()) or any(True for _ in module.children()):
         raise LookupError
-    out = _probe_output(module, _PROBE)
-    if out is None or not torch.equal(out, torch.sign(_PROBE)):
-        raise LookupError
+    for training in (False, True):
+        with _mode(module, training):
+            out = _probe_output(module, _PROBE)
+        if out is None or not torch.equal(out, torch.sign(_PROBE)):
+            raise LookupError
     if not check_gradients:
         return None
     x = _GRAD_PROBE.clone().requires_grad_()
     upstream = torch.linspace(0.5, 1.5, x.numel()).view_as(x)  # distinct: a mixed-up gradient shows
     expected = upstream * (x.detach().abs() <= 1)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _mode(module, True):  # (gradients are a training matter)
             out = module.forward(x)
             grad = torch.autograd.grad(out, x, upstream, allow_unused=True)[0] if out.requires_grad else None
     except Exception as exc:
@@ -350,11 +353,18 @@ def swap_modules(
     if not inplace:
         model = copy.deepcopy(model)
     report = SwapReport(model)
-    for name, module in list(model.named_modules()):
-        if not name or (filter_fn is not None and not filter_fn(module, name)):
+    # A module used under several names is decided once, at its first name (filter and probe).
+    decided: dict[int, nn.Module | str | None] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name:
             continue
-        with torch.inference_mode(False):  # the probes need autograd (enable_grad alone cannot lift it)
-            new = _replacement(module, check_gradients)
+        if id(module) not in decided:
+            if filter_fn is not None and not filter_fn(module, name):
+                decided[id(module)] = None
+            else:
+                with torch.inference_mode(False):  # the probes need autograd (enable_grad alone cannot lift it)
+                    decided[id(module)] = _replacement(module, check_gradients)
+        new = decided[id(module)]
         if new is None:
             continue
         if isinstance(new, str):
@@ -413,20 +423,29 @@ def binarize_(model: nn.Module, filter_fn: FilterFn | None = None) -> SwapReport
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    # (A conv used under several names becomes one binary conv, set under each name.)
+    convs = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if type(m) is nn.Conv2d]
     if filter_fn is None:
         filter_fn = default_binarize_filter(convs[0][0] if convs else None)
     report = SwapReport(model)
+    made: dict[int, SignInputBiConv2d | None] = {}  # decided at a conv's first name
     for name, conv in convs:
-        if conv.padding_mode != "zeros" or not filter_fn(conv, name):
+        if id(conv) not in made:
+            made[id(conv)] = _sign_input_like(conv) if conv.padding_mode == "zeros" and filter_fn(conv, name) else None
+        if made[id(conv)] is None:
             continue
-        new = SignInputBiConv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )
-        new.weight, new.bias = conv.weight, conv.bias
-        new.train(conv.training)
-        model.set_submodule(name, new)
+        model.set_submodule(name, made[id(conv)])
         report.swapped.append((name, "Conv2d", "SignInputBiConv2d"))
     return report
+
+
+def _sign_input_like(conv: nn.Conv2d) -> SignInputBiConv2d:
+    """A SignInputBiConv2d configured like ``conv``, holding its very weight and bias."""
+    new = SignInputBiConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    new.weight, new.bias = conv.weight, conv.bias
+    new.train(conv.training)
+    return new

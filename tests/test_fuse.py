@@ -109,7 +109,7 @@ def test_convert_gives_lone_binary_convs_the_generic_packed_path():
     lonely = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), BinaryActivation(), BiConv2d(8, 8, 3))
     fused = convert(torch.nn.ModuleDict({"head": lonely}))
     assert not any(isinstance(m, BiConv2d) for m in fused.modules())
-    assert isinstance(fused["head"].ops[2], PackedBiConv2d)
+    assert isinstance(fused["head"][2], PackedBiConv2d)  # (a Sequential without a unit keeps its names)
     x = torch.randn(2, 3, 7, 9)
     with torch.no_grad():
         assert torch.allclose(fused["head"](x), lonely(x), rtol=0, atol=1e-5)
@@ -249,3 +249,87 @@ def test_epilogue_plan_is_built_once_and_follows_the_buffers():
     assert half.epilogue_plan() is not first
     half.load_state_dict({k: v * 2 if k == "scale" else v for k, v in half.state_dict().items()})
     assert torch.equal(half.run(packed).y, fresh_run(half))
+
+
+# ---------------------------------------------------------------- models convert does not know
+def _unit(c=9, k=3, bn=None):
+    """LB -> sign -> BiConv2d -> BN -> PReLU with random values (float64, eval)."""
+    layers = [LearnableBias(c), BinaryActivation(), BiConv2d(c, c, k, padding=k // 2), bn or torch.nn.BatchNorm2d(c),
+              torch.nn.PReLU(c)]
+    return layers
+
+
+def _randomised(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_var is not None:
+                m.running_mean.normal_(generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return module.double().eval()
+
+
+def _same_outputs(plain, fused, x):
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=1e-12)
+
+
+def test_sequential_subclass_with_its_own_forward_keeps_it():
+    # A subclass of nn.Sequential may add a residual (or anything): replacing it by a
+    # FusedSequential dropped that silently; its convs now take the generic packed path.
+    class Residual(torch.nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    plain = _randomised(Residual(*_unit()))
+    plain.note = "kept"
+    fused = convert(plain)
+    assert type(fused) is Residual and fused.note == "kept"
+    _same_outputs(plain, fused, torch.randn(2, 9, 6, 7, dtype=torch.float64))
+
+
+def test_subclasses_with_their_own_forward_are_not_fused():
+    class GainBiConv(BiConv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    seq = [LearnableBias(9), BinaryActivation(), GainBiConv(9, 9, 3, padding=1), torch.nn.BatchNorm2d(9)]
+    plain = _randomised(torch.nn.ModuleDict({"a": torch.nn.Sequential(*seq), "b": GainBiConv(9, 9, 1)}))
+    with pytest.warns(UserWarning, match=r"\['a.2', 'b'\] are subclasses of BiConv2d with a forward of their own"):
+        fused = convert(plain)
+    assert not any(isinstance(m, BinaryConvUnit) for m in fused.modules())
+    x = torch.randn(2, 9, 6, 7, dtype=torch.float64)
+    _same_outputs(plain["a"], fused["a"], x)
+    _same_outputs(plain["b"], fused["b"], x)
+
+
+def test_a_top_level_sequential_also_gets_its_nested_units_fused():
+    from bimatting_triton.fuse_generic import PackedBiConv2d
+
+    plain = _randomised(torch.nn.Sequential(*_unit(), torch.nn.Sequential(*_unit(k=1)), BinaryActivation(),
+                                            BiConv2d(9, 9, 3, padding=1)))
+    fused = convert(plain)
+    assert isinstance(fused, FusedSequential) and isinstance(fused.ops[1], FusedSequential)
+    assert isinstance(fused.ops[3], PackedBiConv2d)  # (was left a plain BiConv2d)
+    _same_outputs(plain, fused, torch.randn(2, 9, 6, 7, dtype=torch.float64))
+
+
+def test_batchnorm_without_running_statistics_stays_a_module():
+    bn = torch.nn.BatchNorm2d(9, track_running_stats=False)
+    plain = _randomised(torch.nn.Sequential(*_unit(bn=bn)))
+    fused = convert(plain)  # (raised "batchnorm must track running statistics")
+    assert isinstance(fused.ops[0], BinaryConvUnit) and fused.ops[1] is not bn and isinstance(fused.ops[1], torch.nn.BatchNorm2d)
+    _same_outputs(plain, fused, torch.randn(2, 9, 6, 7, dtype=torch.float64))
+
+
+def test_a_module_used_under_two_names_is_converted_under_both():
+    from bimatting_triton.fuse_generic import PackedBiConv2d
+
+    shared_unit = torch.nn.Sequential(*_unit())
+    shared_conv = BiConv2d(9, 9, 3, padding=1)
+    plain = _randomised(torch.nn.ModuleDict({"a": shared_unit, "b": shared_unit, "c": shared_conv, "d": shared_conv}))
+    fused = convert(plain)
+    assert isinstance(fused["a"], FusedSequential) and fused["b"] is fused["a"]
+    assert isinstance(fused["c"], PackedBiConv2d) and fused["d"] is fused["c"]

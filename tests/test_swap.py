@@ -157,6 +157,39 @@ class TinyFloatRVM(nn.Module):
         return self.project_mat(f) + self.head(f)
 
 
+def test_swap_leaves_a_sign_with_state_or_another_training_forward_alone():
+    class ThresholdSign(nn.Module):  # a sign of x - threshold: BinaryActivation has no threshold
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("threshold", torch.zeros(()))
+
+        def forward(self, x):
+            return PublishedStyleBinaryActivation()(x - self.threshold)
+
+    class TrainingDiffersSign(nn.Module):  # sign in eval, a +-1 step (no zeros) in training
+        def forward(self, x):
+            out = PublishedStyleBinaryActivation()(x)
+            return out if not self.training else torch.where(x >= 0, 1.0, -1.0) + (out - out.detach())
+
+    model = nn.Sequential(ThresholdSign(), TrainingDiffersSign()).eval()
+    report = swap_modules(model)
+    assert len(report) == 0 and list(model.state_dict()) == ["0.threshold"]
+    assert [type(m) for m in model] == [ThresholdSign, TrainingDiffersSign]
+
+
+def test_a_module_used_under_two_names_is_swapped_or_kept_under_both():
+    shared_sign, shared_conv = PublishedStyleBinaryActivation(), nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.ModuleDict({"s1": shared_sign, "s2": shared_sign, "c1": shared_conv, "c2": shared_conv})
+    report = swap_modules(model)
+    assert isinstance(model["s1"], BinaryActivation) and model["s2"] is model["s1"]
+    assert [name for name, _, _ in report.swapped] == ["s1", "s2"]
+    binarize_(model, filter_fn=lambda m, name: True)
+    assert isinstance(model["c1"], SignInputBiConv2d) and model["c2"] is model["c1"]
+    vetoed = nn.ModuleDict({"first": shared_conv, "second": shared_conv})
+    binarize_(vetoed, filter_fn=lambda m, name: name != "first")  # decided at the first name, for both
+    assert vetoed["first"] is shared_conv and vetoed["second"] is shared_conv
+
+
 def test_binarize_turns_inner_convs_binary():
     model = randomised(TinyFloatRVM())
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -214,10 +247,11 @@ def test_convert_after_binarize():
     model.eval()
     # backbone.2 is depthwise (groups=8): the packed kernel has no groups, so it stays in plain
     # PyTorch with a warning; backbone.3 is a plain 1x1 binary conv on the packed path.
-    with pytest.warns(UserWarning, match=r"\['backbone.ops.2'\] are grouped"):
+    # (A Sequential without a LB -> sign -> conv unit keeps its modules, so the names are the user's.)
+    with pytest.warns(UserWarning, match=r"\['backbone.2'\] are grouped"):
         fused = convert(model)
-    assert isinstance(fused.backbone.ops[3], PackedBiConv2d)
-    assert isinstance(fused.backbone.ops[2], SignInputBiConv2d)
+    assert isinstance(fused.backbone[3], PackedBiConv2d)
+    assert isinstance(fused.backbone[2], SignInputBiConv2d)
     x = torch.rand(2, 3, 9, 9)
     with torch.no_grad():
         assert torch.allclose(fused(x), model(x), rtol=0, atol=ATOL)
