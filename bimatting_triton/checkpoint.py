@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .devices import usable_device
+
 NESTED_KEYS = ("state_dict", "model")
 DDP_PREFIX = "module."
 # BatchNorm counters that old checkpoints may lack; they never change the outputs.
@@ -32,12 +34,16 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     ``{name: tensor}`` dict.
     """
     path = os.fspath(path)
+    if isinstance(map_location, (str, torch.device)):  # (torch.load also takes dicts and functions)
+        usable_device(map_location, "map_location")
     if os.path.isdir(path):
         raise IsADirectoryError(f"checkpoint path {path!r} is a folder, expected a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist or is not a file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:  # (a file that cannot be read, e.g. no permission, says so itself, naming it)
+        raise
     except Exception as exc:  # corrupt file, pickle with code in it, not a torch file ...
         raise CheckpointError(
             f"checkpoint {path!r} is not a readable PyTorch checkpoint (not written by torch.save, truncated or "
@@ -76,6 +82,9 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tens
                 f"under {' or '.join(repr(k) for k in NESTED_KEYS)}")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{expected}; got {type(obj).__name__}")
+    keys = [repr(k) for k in obj if not isinstance(k, str)]
+    if keys:
+        raise CheckpointError(f"{expected}; got keys that are not parameter names (str): {', '.join(keys[:5])}")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
@@ -85,12 +94,22 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tens
     return dict(obj)
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "integer"
+
+
 def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
     """Strictly load ``state_dict`` into ``model``, naming every key that does not fit.
 
-    Raises :class:`CheckpointError` listing missing keys, unexpected keys and keys
-    whose shapes differ (with both shapes). BatchNorm ``num_batches_tracked`` counters
-    may be absent.
+    Raises :class:`CheckpointError` listing missing keys, unexpected keys, keys whose
+    shapes differ (with both shapes) and keys whose kind of dtype differs (an integer, bool
+    or complex tensor for a float parameter, or a float for an integer counter: loading
+    would convert them silently). Float precisions may differ (a float16 checkpoint loads
+    into a float32 model). BatchNorm ``num_batches_tracked`` counters may be absent.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and not k.endswith(OPTIONAL_SUFFIXES)]
@@ -100,9 +119,15 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = 
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
-    if missing or unexpected or mismatched:
+    kinds = [
+        f"{k}: checkpoint {state_dict[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if k in state_dict and _dtype_kind(state_dict[k].dtype) != _dtype_kind(v.dtype)
+    ]
+    if missing or unexpected or mismatched or kinds:
         parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched),
+                             ("dtype mismatches", kinds)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
                 parts.append(f"{len(items)} {title}: {shown}")

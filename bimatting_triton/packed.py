@@ -56,12 +56,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import zlib
 
 import torch
 from torch import Tensor, nn
 
+from .atomic import check_output_file, torch_save_atomically
 from .checkpoint import PACKED_FORMAT, CheckpointError
 from .devices import usable_device
 from .fuse import BACKENDS, BinaryConvUnit, convert
@@ -136,7 +136,8 @@ def _digest(tensors: list[Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(str(t.dtype).encode())
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():  # (an empty tensor may have any strides, e.g. 0, which no view takes)
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -232,10 +233,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     written atomically, with the permissions of a plainly created file (an existing one
     keeps its own). ``path``: a file in an existing folder, checked before encoding.
     """
-    path = os.fspath(path)
+    path = check_output_file(path, "path")
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"path {path!r} is a folder, expected the packed checkpoint's file name")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"path {path!r}: the folder {folder!r} does not exist")
     fused = _fused(model)
@@ -258,39 +257,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         **{f"pool.{k}": v for k, v in pools.items()},
     }
     obj["sha256"] = _digest(_payload(obj))
-    try:  # a replaced file keeps its permissions (from the start: its contents may be private)
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = None
-    fd, tmp = _create_temp(path, 0o666 if mode is None else mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        if mode is not None:
-            os.chmod(tmp, mode)  # exactly, past the umask
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    torch_save_atomically(obj, path)
     return os.path.getsize(path)
-
-
-def _create_temp(path: str, mode: int) -> tuple[int, str]:
-    """A new temporary file beside ``path``, opened for writing: ``(fd, name)``.
-
-    Created with ``mode`` less the umask by the kernel: with ``0o666`` it gets the
-    permissions of any new file, where ``mkstemp``'s 0600 would make it private (and
-    reading the umask means changing it, process-wide, for a moment).
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, flags, mode), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file beside {path!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,6 +270,8 @@ def _read(path: str) -> tuple[dict, list]:
         raise FileNotFoundError(f"packed checkpoint path {path!r} does not exist or is not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # (a file that cannot be read, e.g. no permission, says so itself, naming it)
+        raise
     except Exception as exc:  # truncated zip, pickle with code in it, not a torch file ...
         raise PackedCheckpointError(
             f"{path!r} could not be read as a weights-only torch file (truncated, corrupted or not a "

@@ -199,3 +199,53 @@ def test_model_and_graph_step_make_the_input_gpu_current(monkeypatch):
         _, _, *rec = model(src)
         CudaGraphStep(model)(src, *rec)  # (the first call with states runs eagerly)
     assert asked == [torch.device("cpu")] * 3
+
+
+@pytest.mark.parametrize("kind", ["int64", "bool", "complex64"])
+def test_weights_of_another_kind_of_dtype_are_named(tmp_path, official_state, kind):
+    # load_state_dict would convert them silently (integers rounded, complex parts dropped).
+    dtype = getattr(torch, kind)
+    state = dict(official_state)
+    state["project_mat.conv.weight"] = state["project_mat.conv.weight"].to(dtype)
+    path = tmp_path / "kind.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"1 dtype mismatches: project_mat.conv.weight: checkpoint torch.{kind} "
+                                              r"vs model torch.float32"):
+        BiMatting.from_pretrained(path)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in official_state.items()}
+    torch.save(state, path)
+    BiMatting.from_pretrained(path)  # another float precision is fine
+
+
+def test_map_location_and_keys_are_checked_first(tmp_path, official_state):
+    path = tmp_path / "ok.pth"
+    torch.save(official_state, path)
+    with pytest.raises(ValueError, match="map_location 'meta': the meta device holds no data"):
+        BiMatting.from_pretrained(path, map_location="meta")
+    if not torch.cuda.is_available():  # (was blamed on the file: "truncated or corrupted")
+        with pytest.raises(ValueError, match="map_location 'cuda': CUDA is not available"):
+            BiMatting.from_pretrained(path, map_location="cuda")
+    torch.save({0: torch.zeros(1), "a": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="keys that are not parameter names \\(str\\): 0"):
+        BiMatting.from_pretrained(path)
+
+
+def test_a_file_that_cannot_be_opened_keeps_its_own_error(tmp_path, official_state, monkeypatch):
+    path = tmp_path / "locked.pth"
+    torch.save(official_state, path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(PermissionError, match="locked.pth"):  # (not "truncated or corrupted")
+        BiMatting.from_pretrained(path)
+
+
+def test_rvm_checkpoint_errors_name_the_keys(tmp_path, official_state):
+    from bimatting_triton.baselines import RVMMobileNetV3
+
+    path = tmp_path / "bimatting.pth"
+    torch.save({"model": official_state}, path)  # a BiMatting checkpoint given to the RVM network
+    with pytest.raises(CheckpointError, match=r"bimatting.pth' does not fit RVMMobileNetV3: \d+ missing keys"):
+        RVMMobileNetV3.from_pretrained(path)

@@ -350,3 +350,26 @@ def test_unusable_device_is_named(saved):
             load_packed(saved, device="cuda")
     with pytest.raises(ValueError, match="'nonsense' is not a torch device"):
         load_packed(saved, device="nonsense")
+
+
+def test_an_empty_entry_of_any_strides_is_read(saved, tmp_path):
+    # An empty tensor may carry stride 0 (torch.save keeps it): the checksum read it through
+    # a view that refused such strides (a RuntimeError instead of a model).
+    def empty_with_stride_0(obj):
+        assert obj["zeros"].numel() == 0  # (the golden weights have no zeros)
+        obj["zeros"] = torch.zeros(0, dtype=obj["zeros"].dtype).as_strided((0,), (0,))
+
+    path = rewrite(saved, tmp_path / "strided.packed", empty_with_stride_0)
+    load_packed(path)
+
+
+def test_output_paths_written_as_folders_are_refused_before_work(model, tmp_path):
+    from bimatting_triton.train.loop import load_checkpoint, save_checkpoint
+
+    with pytest.raises(IsADirectoryError, match="path 'newname/' is a folder, expected a file name"):
+        save_packed(model, "newname/")
+    with pytest.raises(IsADirectoryError, match="checkpoint path .* is a folder"):
+        save_checkpoint(str(tmp_path), model)
+    with pytest.raises(IsADirectoryError, match="is a folder, expected a checkpoint file"):
+        load_checkpoint(str(tmp_path))
+    assert os.listdir(tmp_path) == []

@@ -400,12 +400,14 @@ class RVMMobileNetV3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "RVMMobileNetV3":
-        """Build the network and load an RVM MobileNetV3 checkpoint (a state_dict file), strictly."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"path: expected a state_dict file, got a {type(state).__name__} in {path}")
+        """Build the network and load an RVM MobileNetV3 checkpoint (a state_dict file), strictly,
+        with the errors of :mod:`bimatting_triton.checkpoint` (missing / unexpected / mis-shaped
+        keys named; DDP prefixes and ``{'model': ...}`` wrappers taken)."""
+        from ..checkpoint import load_into, read_state_dict
+
+        path = os.fspath(path)
         model = cls()
-        model.load_state_dict(state, strict=True)
+        load_into(model, read_state_dict(path, map_location), source=f"checkpoint {path!r}")
         return model.eval()
 
     def forward(

@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..atomic import check_output_file, torch_save_atomically
+from ..devices import usable_device
 from . import distributed
 from .config import TrainConfig, get_config
 from .coco_panoptic import CocoPanopticDataset
@@ -108,28 +110,40 @@ def save_checkpoint(path: str, model: nn.Module, optimizer=None, scaler=None, st
         "rng": _rng_state(),
         "config": config.to_dict() if config is not None else None,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    path = check_output_file(path, "checkpoint path")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch_save_atomically(state, path)
+
+
+# What a training checkpoint holds: key -> the types its value may have.
+_CHECKPOINT_ENTRIES = {
+    "model": (dict,), "optimizer": (dict, type(None)), "scaler": (dict, type(None)), "step": (int,),
+    "rng": (dict,), "config": (dict, type(None)),
+}
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    if isinstance(map_location, (str, torch.device)):
+        usable_device(map_location, "map_location")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder, expected a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:  # (a file that cannot be read says so itself, naming it)
+        raise
     except Exception as exc:  # not a torch file, truncated, a pickle with code in it ...
         reason = f"{type(exc).__name__}: {exc}"
         raise ValueError(f"checkpoint {path!r} could not be read as a weights-only torch file ({reason})") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a training checkpoint of this package (format {CHECKPOINT_FORMAT!r})")
+    bad = [f"{key} ({type(state.get(key)).__name__})" for key, kinds in _CHECKPOINT_ENTRIES.items()
+           if not isinstance(state.get(key), kinds) or isinstance(state.get(key), bool)]
+    if bad:
+        raise ValueError(f"checkpoint {path!r} is damaged: its entries {bad} are missing or of the wrong type "
+                         f"(expected {', '.join(f'{k}: ' + '/'.join(t.__name__ for t in v) for k, v in _CHECKPOINT_ENTRIES.items())})")
     return state
 
 

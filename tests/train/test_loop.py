@@ -346,3 +346,17 @@ def test_resume_of_a_checkpoint_older_than_the_segmentation_data_fields_warns_wh
                      seg_video_annotations=annotations, **QUIET)
     with pytest.warns(UserWarning, match=r"seg_video_dir None -> '.*JPEGImages'; seg_video_annotations None -> "):
         Trainer(cfg, log=lambda m: None)._resume(old)
+
+
+def test_a_damaged_training_checkpoint_is_named(runs, tmp_path):
+    _, _, _, root = runs
+    saved = torch.load(str(root / "a" / "last.pt"), weights_only=False)
+    del saved["step"]
+    saved["model"] = [1]
+    damaged = str(tmp_path / "damaged.pt")
+    torch.save(saved, damaged)
+    with pytest.raises(ValueError, match=r"is damaged: its entries \['model \(list\)', 'step \(NoneType\)'\]"):
+        load_checkpoint(damaged)
+    with pytest.raises(ValueError, match="map_location 'meta'"):
+        load_checkpoint(str(root / "a" / "last.pt"), map_location="meta")
+    load_checkpoint(str(root / "a" / "last.pt"))  # a sound one passes the checks
